@@ -1,0 +1,104 @@
+"""The update rules of EASGD and its baselines, on flat tensors.
+
+No Horovod and no optimizer here: every rule is a few vectorised in-place tensor ops on the
+flat buffers of one dtype/device group, so the math can be read (and tested) on its own.
+
+All rules share one shape. At a communication round each worker contributes its *difference*
+``d = snapshot - center`` and receives ``total = sum over workers of d``. Exchanging differences
+rather than parameters keeps the reduced values small, which matters when the wire format is
+fp16, and ``sum_i alpha * (x_i - c)`` is exactly the paper's symmetric elastic force.
+
+- ``easgd`` (eqs. 5-6, Algorithm 1; EAMSGD when the local optimizer uses Nesterov momentum):
+  the snapshot ``y`` is taken *before* the local update (where the gradient was taken);
+  ``x <- x - alpha * d`` and ``c <- c + alpha * total`` (= ``c + beta * (mean_i y_i - c)``).
+- ``downpour``: the snapshot is taken after the local update; the center adds every worker's
+  accumulated update, ``c <- c + total``, and every worker restarts from the new center.
+- ``mdownpour``: DOWNPOUR with Nesterov momentum ``m`` on the master:
+  ``v <- m * v + total``, ``c <- c + total + m * v``.
+- ``average`` (periodic model averaging, "local SGD"): ``c <- c + total / p`` (= ``mean_i x_i``)
+  and every worker restarts from it.
+
+The pulling methods restart a worker from the center by adding ``delta_c - d`` to its current
+parameters. In sync mode the parameters still equal the snapshot, so this lands exactly on the
+new center; in async mode (correction applied ``tau`` steps late) it keeps the local progress
+made since the snapshot instead of throwing it away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+METHODS = ("easgd", "downpour", "mdownpour", "average")
+CENTER_AVERAGES = ("running", "moving")
+
+
+@dataclass(frozen=True)
+class ElasticRule:
+    """One method's round update. ``alpha`` is the elastic coefficient (``beta / p``)."""
+
+    method: str
+    alpha: float
+    world_size: int
+    master_momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    @property
+    def snapshot_before_step(self) -> bool:
+        """EASGD pulls with the point where the gradient was taken; the others with the result."""
+        return self.method == "easgd"
+
+    @property
+    def needs_velocity(self) -> bool:
+        return self.method == "mdownpour"
+
+    @torch.no_grad()
+    def apply(
+        self,
+        center: torch.Tensor,
+        diff: torch.Tensor,
+        total: torch.Tensor,
+        velocity: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Apply one round in place.
+
+        ``center`` is this worker's replica of the center and is updated. ``diff`` holds this
+        worker's ``d`` and is overwritten with the correction to *add* to the worker's
+        parameters. ``total`` (the sum of every worker's ``d``) may be overwritten.
+        """
+        if self.method == "easgd":
+            center.add_(total, alpha=self.alpha)
+            diff.mul_(-self.alpha)
+            return
+        if self.method == "average":
+            total.div_(self.world_size)
+        elif self.method == "mdownpour":
+            assert velocity is not None, "mdownpour keeps a master velocity buffer"
+            velocity.mul_(self.master_momentum).add_(total)
+            total.add_(velocity, alpha=self.master_momentum)
+        center.add_(total)  # `total` now holds the center's change
+        diff.neg_().add_(total)
+
+
+#: Buffers (BatchNorm statistics and the like) are averaged, whatever the method.
+def buffer_rule(world_size: int) -> ElasticRule:
+    return ElasticRule("average", alpha=1.0 / world_size, world_size=world_size)
+
+
+@torch.no_grad()
+def update_center_average(
+    average: torch.Tensor, center: torch.Tensor, kind: str, rounds: int, rate: float
+) -> None:
+    """Fold the center after round ``rounds`` (1-based) into its running or moving average.
+
+    ``running`` is ADOWNPOUR's ``1/(t+1)`` average of the centers ``c_0 .. c_t``; ``moving`` is
+    MVADOWNPOUR/MVASGD's exponential moving average with constant ``rate``. Both need no
+    communication: every worker folds the same bit-identical center.
+    """
+    weight = 1.0 / (rounds + 1) if kind == "running" else rate
+    average.lerp_(center, weight)

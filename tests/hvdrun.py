@@ -1,0 +1,88 @@
+"""Run a script under a real `horovodrun --gloo` job from a test, and collect per-rank results.
+
+Worker scripts live in `tests/workers/`. By convention a worker takes `--out DIR` and writes
+`DIR/rank{R}.json`; `run_workers` returns those dicts ordered by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
+
+# Rendezvous on a loaded 2-core CI box can exceed Horovod's 30 s defaults.
+START_TIMEOUT = int(os.environ.get("HVD_EASGD_TEST_START_TIMEOUT", "120"))
+
+
+def worker_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")
+    env.pop("HOROVOD_RANK", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def horovodrun(
+    command: Sequence[str],
+    np: int = 2,
+    timeout: float = 300,
+    env: Optional[Dict[str, str]] = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `horovodrun -np NP -H localhost:NP --gloo COMMAND...`; on failure, fail with its output."""
+    cmd = [
+        HOROVODRUN, "-np", str(np), "-H", f"localhost:{np}", "--gloo",
+        "--start-timeout", str(START_TIMEOUT), *command,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=str(REPO), env=worker_env(env), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"horovodrun exited {proc.returncode}: {' '.join(cmd)}\n"
+            f"--- stdout (tail) ---\n{proc.stdout[-6000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def run_workers(
+    script: str,
+    out_dir: Path,
+    np: int = 2,
+    args: Sequence[str] = (),
+    timeout: float = 300,
+    env: Optional[Dict[str, str]] = None,
+) -> List[dict]:
+    """Run `tests/workers/SCRIPT --out OUT_DIR ARGS...` on NP Gloo workers; return rank dicts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    horovodrun([sys.executable, str(WORKERS / script), "--out", str(out_dir), *args],
+               np=np, timeout=timeout, env=env)
+    return read_rank_results(out_dir, np)
+
+
+def read_rank_results(out_dir: Path, np: int) -> List[dict]:
+    results = []
+    for rank in range(np):
+        path = Path(out_dir) / f"rank{rank}.json"
+        assert path.exists(), f"worker rank {rank} wrote no {path.name}"
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def write_rank_result(out_dir: str, rank: int, result: dict) -> None:
+    """For worker scripts: write this rank's result atomically."""
+    path = Path(out_dir) / f"rank{rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
