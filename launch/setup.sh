@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Set up hvd-easgd in .venv/: PyTorch + torchvision, Horovod 0.28.1 (PyTorch + Gloo, built once
+# and cached), and this project in editable mode with its test extra. Idempotent: a second run
+# with everything in place only checks and exits.
+#
+# Environment (all optional):
+#   PYTHON=python3.11            interpreter for the venv (3.8-3.11: Horovod 0.28.1 needs distutils)
+#   TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"   the pair installed when no torch is reused
+#   HVD_EASGD_REUSE_TORCH=auto|1|0   reuse a torch+torchvision (and Horovod) that $PYTHON already
+#                                has, e.g. a GPU cluster's (venv with --system-site-packages);
+#                                auto (default) reuses when importable
+#   HVD_EASGD_CACHE=~/.cache/hvd-easgd   where built Horovod wheels are kept, keyed by versions
+#   HOROVOD_GPU_OPERATIONS=NCCL  (GPU clusters) build Horovod with NCCL; see README "GPU clusters"
+set -euo pipefail
+
+HOROVOD_VERSION=0.28.1
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+CACHE="${HVD_EASGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd-easgd}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+REUSE="${HVD_EASGD_REUSE_TORCH:-auto}"
+START=$SECONDS
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+# pip here warns about every missing local index folder; keep real warnings and errors.
+quiet_pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+
+# ---------------------------------------------------------------- prerequisites
+find_python() {
+  local candidates=("${PYTHON:-}" python3.11 python3.10 python3.9 python3.8 python3)
+  for py in "${candidates[@]}"; do
+    [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
+    if "$py" -c 'import sys; sys.exit(not ((3, 8) <= sys.version_info[:2] <= (3, 11)))' 2>/dev/null; then
+      command -v "$py"; return 0
+    fi
+    [ -n "${PYTHON:-}" ] && [ "$py" = "$PYTHON" ] &&
+      die "PYTHON=$PYTHON is $("$py" -V 2>&1); Horovod 0.28.1 builds on Python 3.8-3.11 only. Point PYTHON at one (e.g. 'pyenv install 3.11' or 'apt-get install python3.11-venv')."
+  done
+  die "no Python 3.8-3.11 found (Horovod 0.28.1 does not build on 3.12+). Install one (e.g. 'pyenv install 3.11' or 'apt-get install python3.11 python3.11-venv') and rerun, or set PYTHON=/path/to/python3.11."
+}
+PY=$(find_python)
+"$PY" -c 'import venv, ensurepip' 2>/dev/null ||
+  die "$PY has no venv/ensurepip module: install it (Debian: 'apt-get install python3-venv') and rerun."
+
+# ---------------------------------------------------------------- venv and torch
+reuse_torch=0
+if [ "$REUSE" = 1 ] || { [ "$REUSE" = auto ] && "$PY" -c 'import torch, torchvision' >/dev/null 2>&1; }; then
+  reuse_torch=1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  if [ "$reuse_torch" = 1 ]; then
+    say "reusing the torch that $PY already has (venv with --system-site-packages)"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+if ! "$VENV/bin/python" -c 'import torch, torchvision' >/dev/null 2>&1; then
+  [ "$reuse_torch" = 1 ] && die "HVD_EASGD_REUSE_TORCH=1 but torch/torchvision do not import from $PY"
+  say "installing $TORCH_SPEC (a few minutes the first time)"
+  # shellcheck disable=SC2086  # TORCH_SPEC is a list of requirement specifiers
+  quiet_pip install $TORCH_SPEC
+fi
+TORCH_VERSION=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
+say "torch $TORCH_VERSION, torchvision $("$VENV/bin/python" -c 'import torchvision; print(torchvision.__version__)')"
+
+# ---------------------------------------------------------------- Horovod
+horovod_ok() {
+  "$VENV/bin/python" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" >/dev/null 2>&1 &&
+    "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] PyTorch'
+}
+if ! horovod_ok; then
+  command -v cmake >/dev/null 2>&1 || die "cmake not found; Horovod's build needs it: 'apt-get install cmake' (or 'pip install cmake') and rerun."
+  CXX_BASE="${CXX:-g++}"
+  command -v "$CXX_BASE" >/dev/null 2>&1 || die "no C++ compiler ($CXX_BASE) found: 'apt-get install g++' (gcc >= 10 for C++20) and rerun."
+  echo 'int main(){return 0;}' | "$CXX_BASE" -x c++ -std=c++20 -o /dev/null - 2>/dev/null ||
+    die "$CXX_BASE cannot compile C++20, which torch $TORCH_VERSION's headers need: install gcc >= 10 and rerun (or set CXX)."
+
+  ops="cpu"; [ -n "${HOROVOD_GPU_OPERATIONS:-}" ] && ops=$(echo "$HOROVOD_GPU_OPERATIONS" | tr 'A-Z' 'a-z')
+  pytag=$("$VENV/bin/python" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')
+  key="horovod-$HOROVOD_VERSION/torch-$TORCH_VERSION/$pytag-$ops"
+  wheeldir="$CACHE/wheels/$key"
+  wheel=$(ls "$wheeldir"/horovod-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -z "$wheel" ]; then
+    say "building Horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($ops; about 5 minutes on 2 cores)"
+    quiet_pip install setuptools wheel packaging psutil cloudpickle cffi pyyaml
+    build=$(mktemp -d)
+    # Horovod 0.28.1 forces -std=c++14 and torch's headers need C++17/20: gcc honours the last
+    # -std= it is given, so the wrapper appends the standard without touching Horovod's source.
+    printf '#!/bin/sh\nexec %s "$@" -std=c++20\n' "$(command -v "$CXX_BASE")" > "$build/cxx"
+    chmod +x "$build/cxx"
+    export CXX="$build/cxx"
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    [ -n "${HOROVOD_WITH_MPI:-}" ] || export HOROVOD_WITHOUT_MPI=1
+    export MAKEFLAGS="${MAKEFLAGS:--j$(nproc 2>/dev/null || echo 2)}"
+    if command -v nvcc >/dev/null 2>&1; then
+      # A CUDA build of torch makes Horovod's CMake look for the CUDA runtime next to nvcc.
+      cuda_root=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+      [ -f "$cuda_root/include/cuda_runtime.h" ] ||
+        die "nvcc is at $(command -v nvcc) but $cuda_root has no include/cuda_runtime.h: set CUDA_HOME and CUDAToolkit_ROOT to the CUDA toolkit root and rerun."
+      export CUDA_HOME="${CUDA_HOME:-$cuda_root}" CUDAToolkit_ROOT="${CUDAToolkit_ROOT:-$cuda_root}"
+    fi
+    log="$build/horovod-build.log"
+    if ! "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -w "$build/wheels" \
+        "horovod==$HOROVOD_VERSION" >"$log" 2>&1; then
+      grep -E 'error|Error|ERROR' "$log" | grep -v '^WARNING: Location' | tail -n 15 >&2 || true
+      die "building Horovod failed; the full log is $log (look for the first 'error:')."
+    fi
+    mkdir -p "$wheeldir"
+    cp "$build"/wheels/horovod-*.whl "$wheeldir/"
+    wheel=$(ls "$wheeldir"/horovod-*.whl | head -n 1)
+    rm -rf "$build"
+    say "cached $wheel"
+  else
+    say "using cached $wheel"
+  fi
+  quiet_pip install --no-deps "$wheel"
+  quiet_pip install cloudpickle psutil pyyaml packaging cffi
+  horovod_ok || die "Horovod installed but '$VENV/bin/horovodrun --check-build' does not list PyTorch"
+fi
+
+# ---------------------------------------------------------------- the project
+stamp="$VENV/.hvd-easgd-setup"
+want=$(cat "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c 'import hvd_easgd' >/dev/null 2>&1; then
+  say "installing hvd-easgd (editable) with its test extra"
+  (cd "$ROOT" && quiet_pip install -e ".[test]")
+  echo "$want" > "$stamp"
+fi
+
+"$VENV/bin/python" -c 'import hvd_easgd, torchvision, horovod.torch' ||
+  die "the installed stack does not import; remove $VENV and rerun"
+say "$("$VENV/bin/horovodrun" --check-build | grep -E '\[X\] (PyTorch|Gloo)' | tr -s ' ' | paste -sd' ')"
+say "ready in $((SECONDS - START)) s: $VENV"
