@@ -66,6 +66,19 @@ TORCH_VERSION=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
 say "torch $TORCH_VERSION, torchvision $("$VENV/bin/python" -c 'import torchvision; print(torchvision.__version__)')"
 
 # ---------------------------------------------------------------- Horovod
+# The toolkit root: explicit settings first, then where nvcc really lives (it may be a wrapper
+# script, not a link), then the usual install prefixes.
+find_cuda_root() {
+  local nvcc_dir; nvcc_dir=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  local candidate
+  for candidate in "${CUDA_HOME:-}" "${CUDAToolkit_ROOT:-}" "${CUDA_PATH:-}" "$nvcc_dir" \
+      /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null | sort -rV) /opt/cuda; do
+    [ -n "$candidate" ] && [ -f "$candidate/include/cuda_runtime.h" ] &&
+      { [ -e "$candidate/lib64/libcudart.so" ] || [ -e "$candidate/lib/libcudart.so" ]; } &&
+      { echo "$candidate"; return 0; }
+  done
+  return 1
+}
 horovod_ok() {
   "$VENV/bin/python" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" >/dev/null 2>&1 &&
     "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] PyTorch'
@@ -96,13 +109,14 @@ if ! horovod_ok; then
     export MAKEFLAGS="${MAKEFLAGS:--j$(nproc 2>/dev/null || echo 2)}"
     if command -v nvcc >/dev/null 2>&1; then
       # A CUDA build of torch makes Horovod's CMake look for the CUDA runtime next to nvcc.
-      cuda_root=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-      [ -f "$cuda_root/include/cuda_runtime.h" ] ||
-        die "nvcc is at $(command -v nvcc) but $cuda_root has no include/cuda_runtime.h: set CUDA_HOME and CUDAToolkit_ROOT to the CUDA toolkit root and rerun."
-      export CUDA_HOME="${CUDA_HOME:-$cuda_root}" CUDAToolkit_ROOT="${CUDAToolkit_ROOT:-$cuda_root}"
+      cuda_root=$(find_cuda_root) ||
+        die "nvcc is on PATH but no CUDA toolkit root (with include/cuda_runtime.h and lib64/libcudart.so) was found: set CUDA_HOME and CUDAToolkit_ROOT to it and rerun."
+      export CUDA_HOME="$cuda_root" CUDAToolkit_ROOT="$cuda_root"
+      say "CUDA toolkit: $cuda_root"
     fi
     log="$build/horovod-build.log"
-    if ! "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -w "$build/wheels" \
+    # --no-cache-dir: pip's wheel cache is keyed by the sdist, not by torch; ours is.
+    if ! "$VENV/bin/python" -m pip wheel --no-cache-dir --no-build-isolation --no-deps -w "$build/wheels" \
         "horovod==$HOROVOD_VERSION" >"$log" 2>&1; then
       grep -E 'error|Error|ERROR' "$log" | grep -v '^WARNING: Location' | tail -n 15 >&2 || true
       die "building Horovod failed; the full log is $log (look for the first 'error:')."

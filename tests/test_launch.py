@@ -1,0 +1,120 @@
+"""The launch/ scripts: syntax, and the exact command each builds (DRY_RUN=1)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ["run_local.sh", "run_multinode.sh", "slurm.sbatch", "cluster_env.sh"]
+DIGITS = "recipes/demo/digits.yaml"
+
+# Variables the scripts read: a developer's own settings must not leak into the tests.
+_SCRIPT_VARS = {
+    "CONFIG", "NP", "SLOTS", "HOSTS", "CONTROLLER", "TRAIN", "HOROVODRUN", "HOROVODRUN_ARGS",
+    "NETWORK_INTERFACE", "CLUSTER_ENV", "LAUNCH_DIR", "DRY_RUN",
+}
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in _SCRIPT_VARS and not k.startswith(("SLURM_", "HOROVOD_", "NCCL_"))}
+    env.update(extra)
+    return env
+
+
+def _run(script, *args, check=True, **env):
+    proc = subprocess.run(["bash", str(LAUNCH / script), *args], cwd=str(REPO),
+                          env=_env(**env), capture_output=True, text=True, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _dry(script, *args, **env):
+    return _run(script, *args, DRY_RUN="1", **env).stdout.strip()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse_and_are_strict(script):
+    path = LAUNCH / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert os.access(path, os.X_OK)
+    assert script in (LAUNCH / "README.md").read_text()
+
+
+def test_run_local_commands():
+    assert _dry("run_local.sh") == (
+        f"horovodrun -np 2 -H localhost:2 --gloo hvd-easgd-train --config {DIGITS}")
+    assert _dry("run_local.sh", "recipes/cifar10/x.yaml", "--set", "data.root=/data/c 10",
+                NP="4", HOROVODRUN_ARGS="--start-timeout 120", CONTROLLER="mpi") == (
+        "horovodrun -np 4 -H localhost:4 --mpi --start-timeout 120 hvd-easgd-train "
+        "--config recipes/cifar10/x.yaml --set 'data.root=/data/c 10'")
+    # A first argument that is a flag goes to the trainer; CONFIG and TRAIN from the environment.
+    assert _dry("run_local.sh", "--resume", CONFIG="r.yaml", CONTROLLER="auto",
+                TRAIN="python -m hvd_easgd.train") == (
+        "horovodrun -np 2 -H localhost:2 python -m hvd_easgd.train --config r.yaml --resume")
+    bad = _run("run_local.sh", check=False, DRY_RUN="1", NP="two")
+    assert bad.returncode == 2 and "NP must be a positive integer" in bad.stderr
+
+
+def test_run_multinode_commands():
+    assert _dry("run_multinode.sh", HOSTS="gpu01,gpu02") == (
+        f"horovodrun -np 8 -H gpu01:4,gpu02:4 --gloo hvd-easgd-train --config {DIGITS}")
+    assert _dry("run_multinode.sh", "recipes/imagenet/x.yaml", "--set", "train.epochs=2",
+                HOSTS="a:2, b", SLOTS="3", NP="4", NETWORK_INTERFACE="ib0") == (
+        "horovodrun -np 4 -H a:2,b:3 --gloo --network-interface ib0 hvd-easgd-train "
+        "--config recipes/imagenet/x.yaml --set train.epochs=2")
+    missing = _run("run_multinode.sh", check=False, DRY_RUN="1")
+    assert missing.returncode == 2 and "set HOSTS" in missing.stderr
+    too_many = _run("run_multinode.sh", check=False, DRY_RUN="1", HOSTS="a:2", NP="3")
+    assert too_many.returncode == 2 and "do not fit" in too_many.stderr
+
+
+def test_slurm_builds_the_host_list_from_the_allocation(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "scontrol.log"
+    scontrol = fake / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                        '[ "$1 $2" = "show hostnames" ] || exit 1\necho host1\necho host2\n')
+    scontrol.chmod(0o755)
+    path = f"{fake}{os.pathsep}{os.environ['PATH']}"
+    slurm = dict(SLURM_JOB_NODELIST="host[1-2]", SLURM_NTASKS_PER_NODE="4",
+                 SLURM_SUBMIT_DIR=str(REPO), PATH=path)
+    assert _dry("slurm.sbatch", **slurm) == (
+        f"horovodrun -np 8 -H host1:4,host2:4 --gloo hvd-easgd-train --config {DIGITS}")
+    assert log.read_text().split("\n")[0] == "show hostnames host[1-2]"
+    # Without --ntasks-per-node: the count in SLURM_TASKS_PER_NODE; trainer args pass through.
+    slurm2 = dict(slurm, SLURM_TASKS_PER_NODE="2(x2)", NETWORK_INTERFACE="ib0")
+    del slurm2["SLURM_NTASKS_PER_NODE"]
+    assert _dry("slurm.sbatch", "recipes/cifar10/x.yaml", "--resume", **slurm2) == (
+        "horovodrun -np 4 -H host1:2,host2:2 --gloo --network-interface ib0 hvd-easgd-train "
+        "--config recipes/cifar10/x.yaml --resume")
+    outside = _run("slurm.sbatch", check=False, DRY_RUN="1")
+    assert outside.returncode == 2 and "submit this with sbatch" in outside.stderr
+
+
+def test_cluster_env():
+    exports = _run("cluster_env.sh", NETWORK_INTERFACE="ib0", NCCL_DEBUG="INFO",
+                   SLOTS="2").stdout.splitlines()
+    for line in ["export HOROVOD_GPU_OPERATIONS=NCCL", "export NCCL_SOCKET_IFNAME=ib0",
+                 "export HOROVOD_GLOO_IFACE=ib0", "export HOROVOD_CACHE_CAPACITY=1024",
+                 "export NCCL_DEBUG=INFO"]:  # a value set before wins
+        assert line in exports
+    assert any(line.startswith("export OMP_NUM_THREADS=") for line in exports)
+    assert _dry("cluster_env.sh", "horovodrun", "-np", "2", "x y") == "horovodrun -np 2 'x y'"
+    # Sourced into a shell, it sets the variables and leaves the shell's options alone.
+    proc = subprocess.run(
+        ["bash", "-c", "source launch/cluster_env.sh; echo \"$- $HOROVOD_GPU_OPERATIONS\"; "
+                       "declare -F _hvd_default || echo clean"],
+        cwd=str(REPO), env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    opts, value = proc.stdout.splitlines()[0].split()
+    assert "e" not in opts and "u" not in opts and value == "NCCL"
+    assert proc.stdout.splitlines()[1] == "clean"
