@@ -19,7 +19,8 @@ fp16, and ``sum_i alpha * (x_i - c)`` is exactly the paper's symmetric elastic f
   and every worker restarts from it.
 
 The pulling methods restart a worker from the center by adding ``delta_c - d`` to its current
-parameters. In sync mode the parameters still equal the snapshot, so this lands exactly on the
+parameters. In async mode their snapshot is taken after the previous round has landed, so ``d``
+never counts again a pull the worker already received. In sync mode the parameters still equal the snapshot, so this lands exactly on the
 new center; in async mode (correction applied ``tau`` steps late) it keeps the local progress
 made since the snapshot instead of throwing it away.
 """

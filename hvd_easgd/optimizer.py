@@ -187,7 +187,11 @@ class ElasticOptimizer(torch.optim.Optimizer):
         loss = self.optimizer.step(closure)
         if not is_round:
             return loss
+        if self._exchange is not None and self._exchange.in_flight:
+            self._finish_round()
         if not self.rule.snapshot_before_step:
+            # After the previous round landed: a pulling method's difference must not count
+            # again the pull the worker has just received.
             self._snapshot(slot)
         if self._exchange is None:
             self._start_round(slot)
@@ -195,8 +199,6 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self.stats.stalls += 1
             self._apply(slot, totals)
         else:
-            if self._exchange.in_flight:
-                self._finish_round()
             self._start_round(slot)
             self._exchange.submit(self._rounds_buf[slot], self._round)
             self._slot_in_flight = slot

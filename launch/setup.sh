@@ -26,6 +26,28 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 # pip here warns about every missing local index folder; keep real warnings and errors.
 quiet_pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 
+# One interpreter start answers every question: importing torch is the slow part of a re-run.
+probe() {
+  [ -x "$VENV/bin/python" ] || return 0
+  "$VENV/bin/python" - <<'PY' 2>/dev/null || true
+import importlib
+found = {}
+for module in ("torch", "torchvision", "horovod", "hvd_easgd"):
+    try:
+        found[module] = importlib.import_module(module).__version__
+    except Exception:
+        pass
+try:
+    import horovod.torch as hvd  # loads the compiled extension against this torch
+    found["horovod_torch"] = "gloo" if hvd.gloo_built() else "nogloo"
+    found["horovod_nccl"] = int(bool(hvd.nccl_built()))
+except Exception:
+    pass
+print(" ".join(f"{key}={value}" for key, value in found.items()))
+PY
+}
+field() { tr ' ' '\n' <<<"$STATE" | sed -n "s/^$1=//p"; }
+
 # ---------------------------------------------------------------- prerequisites
 find_python() {
   local candidates=("${PYTHON:-}" python3.11 python3.10 python3.9 python3.8 python3)
@@ -45,10 +67,11 @@ PY=$(find_python)
 
 # ---------------------------------------------------------------- venv and torch
 reuse_torch=0
-if [ "$REUSE" = 1 ] || { [ "$REUSE" = auto ] && "$PY" -c 'import torch, torchvision' >/dev/null 2>&1; }; then
-  reuse_torch=1
-fi
+[ "$REUSE" = 1 ] && reuse_torch=1
 if [ ! -x "$VENV/bin/python" ]; then
+  if [ "$REUSE" = auto ] && "$PY" -c 'import torch, torchvision' >/dev/null 2>&1; then
+    reuse_torch=1
+  fi
   if [ "$reuse_torch" = 1 ]; then
     say "reusing the torch that $PY already has (venv with --system-site-packages)"
     "$PY" -m venv --system-site-packages "$VENV"
@@ -56,14 +79,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
-if ! "$VENV/bin/python" -c 'import torch, torchvision' >/dev/null 2>&1; then
+STATE=$(probe)
+if [ -z "$(field torch)" ] || [ -z "$(field torchvision)" ]; then
   [ "$reuse_torch" = 1 ] && die "HVD_EASGD_REUSE_TORCH=1 but torch/torchvision do not import from $PY"
   say "installing $TORCH_SPEC (a few minutes the first time)"
   # shellcheck disable=SC2086  # TORCH_SPEC is a list of requirement specifiers
   quiet_pip install $TORCH_SPEC
+  STATE=$(probe)
 fi
-TORCH_VERSION=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
-say "torch $TORCH_VERSION, torchvision $("$VENV/bin/python" -c 'import torchvision; print(torchvision.__version__)')"
+TORCH_VERSION=$(field torch)
+[ -n "$TORCH_VERSION" ] || die "torch does not import in $VENV after installing it; remove $VENV and rerun"
+say "torch $TORCH_VERSION, torchvision $(field torchvision)"
 
 # ---------------------------------------------------------------- Horovod
 # The toolkit root: explicit settings first, then where nvcc really lives (it may be a wrapper
@@ -79,9 +105,10 @@ find_cuda_root() {
   done
   return 1
 }
+ops="cpu"; [ -n "${HOROVOD_GPU_OPERATIONS:-}" ] && ops=$(echo "$HOROVOD_GPU_OPERATIONS" | tr 'A-Z' 'a-z')
 horovod_ok() {
-  "$VENV/bin/python" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" >/dev/null 2>&1 &&
-    "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] PyTorch'
+  [ "$(field horovod)" = "$HOROVOD_VERSION" ] && [ "$(field horovod_torch)" = gloo ] &&
+    { [ "$ops" = cpu ] || [ "$(field horovod_nccl)" = 1 ]; }
 }
 if ! horovod_ok; then
   command -v cmake >/dev/null 2>&1 || die "cmake not found; Horovod's build needs it: 'apt-get install cmake' (or 'pip install cmake') and rerun."
@@ -90,7 +117,6 @@ if ! horovod_ok; then
   echo 'int main(){return 0;}' | "$CXX_BASE" -x c++ -std=c++20 -o /dev/null - 2>/dev/null ||
     die "$CXX_BASE cannot compile C++20, which torch $TORCH_VERSION's headers need: install gcc >= 10 and rerun (or set CXX)."
 
-  ops="cpu"; [ -n "${HOROVOD_GPU_OPERATIONS:-}" ] && ops=$(echo "$HOROVOD_GPU_OPERATIONS" | tr 'A-Z' 'a-z')
   pytag=$("$VENV/bin/python" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')
   key="horovod-$HOROVOD_VERSION/torch-$TORCH_VERSION/$pytag-$ops"
   wheeldir="$CACHE/wheels/$key"
@@ -129,21 +155,21 @@ if ! horovod_ok; then
   else
     say "using cached $wheel"
   fi
-  quiet_pip install --no-deps "$wheel"
+  quiet_pip install --no-deps --force-reinstall "$wheel"
   quiet_pip install cloudpickle psutil pyyaml packaging cffi
-  horovod_ok || die "Horovod installed but '$VENV/bin/horovodrun --check-build' does not list PyTorch"
+  STATE=$(probe)
+  horovod_ok || die "Horovod $HOROVOD_VERSION installed but horovod.torch with Gloo does not load against torch $TORCH_VERSION: remove $wheeldir and rerun to rebuild it"
 fi
 
 # ---------------------------------------------------------------- the project
 stamp="$VENV/.hvd-easgd-setup"
 want=$(cat "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c 'import hvd_easgd' >/dev/null 2>&1; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ -z "$(field hvd_easgd)" ]; then
   say "installing hvd-easgd (editable) with its test extra"
   (cd "$ROOT" && quiet_pip install -e ".[test]")
   echo "$want" > "$stamp"
+  STATE=$(probe)
+  [ -n "$(field hvd_easgd)" ] || die "hvd_easgd does not import after installing it; remove $VENV and rerun"
 fi
-
-"$VENV/bin/python" -c 'import hvd_easgd, torchvision, horovod.torch' ||
-  die "the installed stack does not import; remove $VENV and rerun"
-say "$("$VENV/bin/horovodrun" --check-build | grep -E '\[X\] (PyTorch|Gloo)' | tr -s ' ' | paste -sd' ')"
-say "ready in $((SECONDS - START)) s: $VENV"
+say "horovod $(field horovod) (PyTorch, $(field horovod_torch)), hvd-easgd $(field hvd_easgd)"
+say "ready in $((SECONDS - START)) s: $VENV  (check: $VENV/bin/horovodrun --check-build)"

@@ -1,0 +1,321 @@
+"""Single-process reference of the EASGD semantics (issues 3 and 4), written from the spec text.
+
+p simulated workers, each with its own copy of the model, its own ``torch.optim.SGD`` and its
+own deterministic data, plus one center. Nothing here imports ``hvd_easgd``: the tests compare the
+real multi-process wrapper against this file.
+
+The semantics implemented (steps are counted from 1, a round happens at steps tau, 2*tau, ...):
+
+sync, method="easgd":
+    y_i = x_i before the local update (where the gradient was taken); local update;
+    x_i <- x_i - alpha*(y_i - c);  c <- c + beta*(mean_i y_i - c)   (same c in both: the old one)
+sync, method="downpour":
+    local update; d_i = x_i - c; c <- c + sum_i d_i; x_i <- c
+sync, method="mdownpour":
+    DOWNPOUR with Nesterov momentum on the master (PyTorch's Nesterov form, u = sum_i d_i is the
+    master's step direction):  v <- m*v + u;  c <- c + u + m*v;  x_i <- c
+sync, method="average":
+    local update; c <- mean_i x_i; x_i <- c
+async, method="easgd" (delayed apply):
+    at round k: snapshot y_k (before the local update); local update; if round k-1 is pending,
+    apply it now: x_i <- x_i - alpha*(y_{k-1,i} - c); c <- c + beta*(mean_i y_{k-1,i} - c)
+    (c = the center at APPLY time); then round k becomes pending. ``synchronize()`` applies the
+    pending round.
+async, pulling methods (downpour, mdownpour, average), same delayed pattern:
+    at round k: local update; if round k-1 is pending, apply it: c_new from the rule above with
+    the pending d's, x_i <- x_i + (c_new - c) - d_{k-1,i} (restart from the new center, keeping
+    the progress made since the snapshot), c <- c_new; THEN snapshot d_{k,i} = x_i - c (after the
+    correction, so d is the worker's progress since its last pull). In sync mode this is exactly
+    the sync rule (x_i still equals its snapshot, so x_i lands on c_new).
+center averaging (evaluated model), updated after every center update (r = rounds applied):
+    "running": a_0 = c_0, a_r = a_{r-1} + (c_r - a_{r-1}) / (r + 1)
+    "moving":  a <- a + rate*(c - a)
+named buffers (BatchNorm statistics), if enabled: at a round, floating buffers <- mean over
+    workers (sync only).
+
+The model, data and optimizer builders are shared with the worker scripts so both sides train
+exactly the same problem.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+# --------------------------------------------------------------------------------------------
+# The problem: model, data, optimizer (shared with tests/workers/opt_*.py)
+# --------------------------------------------------------------------------------------------
+
+IN_DIM, HID_DIM, OUT_DIM, BATCH = 6, 8, 3, 8
+
+
+@dataclass
+class Case:
+    """One training configuration; the worker and the reference both build from it."""
+
+    name: str = "case"
+    method: str = "easgd"
+    mode: str = "sync"
+    opt: str = "sgd"  # "sgd" (plain + weight decay) or "nesterov" (momentum 0.99, EAMSGD)
+    model: str = "mlp"  # "mlp" or "bn" (with BatchNorm1d)
+    tau: int = 3
+    steps: int = 10
+    seed: int = 0
+    beta: Optional[float] = 0.9
+    alpha: Optional[float] = None
+    center_average: Optional[str] = None  # None, "running" or "moving"
+    average_rate: float = 0.1
+    master_momentum: float = 0.9  # mdownpour only
+    buffers: bool = False  # pass named_buffers to the wrapper
+    compression: str = "none"  # "none" or "fp16"
+    extra: Dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Case":
+        return Case(**d)
+
+
+def build_model(case: Case, rank: int = 0) -> nn.Module:
+    """Rank-dependent initialisation: the wrapper must broadcast rank 0's parameters."""
+    torch.manual_seed(case.seed * 7919 + rank * 104729 + 1)
+    if case.model == "mlp":
+        model = nn.Sequential(nn.Linear(IN_DIM, HID_DIM), nn.Tanh(), nn.Linear(HID_DIM, OUT_DIM))
+    elif case.model == "bn":
+        model = nn.Sequential(
+            nn.Linear(IN_DIM, HID_DIM), nn.BatchNorm1d(HID_DIM), nn.Tanh(),
+            nn.Linear(HID_DIM, OUT_DIM),
+        )
+    else:
+        raise ValueError(case.model)
+    model.train()
+    return model
+
+
+def build_optimizer(case: Case, params) -> torch.optim.Optimizer:
+    if case.opt == "sgd":
+        return torch.optim.SGD(params, lr=0.05, weight_decay=1e-2)
+    if case.opt == "nesterov":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.99, nesterov=True, weight_decay=1e-3)
+    raise ValueError(case.opt)
+
+
+def make_batch(case: Case, rank: int, step: int):
+    """Deterministic per-(seed, rank, step) batch; ranks see different data."""
+    g = torch.Generator().manual_seed(case.seed * 1_000_003 + rank * 10_007 + step)
+    x = torch.randn(BATCH, IN_DIM, generator=g)
+    y = torch.randn(BATCH, OUT_DIM, generator=g) + 0.5 * (rank + 1)
+    return x, y
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def local_backward(model: nn.Module, opt, case: Case, rank: int, step: int) -> float:
+    """One worker's forward/backward for step ``step`` (counted from 1)."""
+    opt.zero_grad()
+    loss = loss_fn(model, make_batch(case, rank, step))
+    loss.backward()
+    return float(loss.detach())
+
+
+def float_buffers(model: nn.Module):
+    return [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def flat(tensors) -> List[float]:
+    return [float(v) for t in tensors for v in t.detach().reshape(-1).tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------------
+
+
+class Reference:
+    """p simulated workers following the spec exactly."""
+
+    def __init__(self, case: Case, p: int):
+        self.case, self.p = case, p
+        if case.method not in ("easgd", "downpour", "mdownpour", "average"):
+            raise ValueError(case.method)
+        if case.mode not in ("sync", "async"):
+            raise ValueError(case.mode)
+        if case.alpha is not None:
+            self.alpha, self.beta = case.alpha, p * case.alpha
+        else:
+            self.alpha, self.beta = case.beta / p, case.beta
+        base = build_model(case, rank=0)
+        self.models = [copy.deepcopy(base) for _ in range(p)]
+        self.opts = [build_optimizer(case, m.parameters()) for m in self.models]
+        self.center = [t.detach().clone() for t in base.parameters()]
+        self.avg_center = [t.clone() for t in self.center] if case.center_average else None
+        self.master_v = [torch.zeros_like(t) for t in self.center]
+        self.steps = 0
+        self.rounds = 0  # rounds started (snapshots taken)
+        self.applied = 0  # rounds whose center update has been applied
+        self.pending = None  # async: (per-worker y list, mean list)
+        self.losses: List[List[float]] = [[] for _ in range(p)]
+        self.pre_round_buffers = None
+
+    # -- helpers --
+    def _params(self, i):
+        return list(self.models[i].parameters())
+
+    def _update_average(self):
+        case = self.case
+        if case.center_average is None:
+            return
+        for a, c in zip(self.avg_center, self.center):
+            if case.center_average == "running":
+                a.add_((c - a) / (self.applied + 1))
+            elif case.center_average == "moving":
+                a.add_(case.average_rate * (c - a))
+            else:
+                raise ValueError(case.center_average)
+
+    @staticmethod
+    def _mean(list_of_lists):
+        return [torch.stack(ts).sum(0) / len(ts) for ts in zip(*list_of_lists)]
+
+    def _apply_easgd(self, ys, mean):
+        with torch.no_grad():
+            for i in range(self.p):
+                for x, y, c in zip(self._params(i), ys[i], self.center):
+                    x.sub_(self.alpha * (y - c))
+            for c, m in zip(self.center, mean):
+                c.add_(self.beta * (m - c))
+        self.applied += 1
+        self._update_average()
+
+    def _average_buffers(self):
+        if not self.case.buffers:
+            return
+        per_worker = [[b for _, b in float_buffers(m)] for m in self.models]
+        self.pre_round_buffers = [flat(bs) for bs in per_worker]
+        means = self._mean(per_worker)
+        with torch.no_grad():
+            for bs in per_worker:
+                for b, m in zip(bs, means):
+                    b.copy_(m)
+
+    # -- the algorithm --
+    def step(self):
+        self.steps += 1
+        t = self.steps
+        is_round = t % self.case.tau == 0
+        ys = []
+        for i in range(self.p):
+            self.losses[i].append(local_backward(self.models[i], self.opts[i], self.case, i, t))
+            ys.append([x.detach().clone() for x in self._params(i)])
+            self.opts[i].step()
+        if not is_round:
+            return
+        self.rounds += 1
+        method, mode = self.case.method, self.case.mode
+        if mode == "sync":
+            if method == "easgd":
+                self._apply_easgd(ys, self._mean(ys))
+            else:
+                self._sync_pull(method)
+            self._average_buffers()
+            return
+        # async
+        if method == "easgd":
+            if self.pending is not None:
+                self._apply_easgd(*self.pending)
+            self.pending = (ys, self._mean(ys))
+            return
+        if self.pending is not None:
+            self._apply_pull(self.pending)
+        # snapshot AFTER the pending correction: d = the worker's progress since its last pull
+        self.pending = [[x.detach() - c for x, c in zip(self._params(i), self.center)]
+                        for i in range(self.p)]
+
+    def _new_center(self, ds):
+        """The pulling methods' center update from the workers' differences d_i = x_i - c."""
+        method = self.case.method
+        if method == "average":
+            return self._mean([[c + d for c, d in zip(self.center, di)] for di in ds])
+        # sum_i d_i computed as p * mean_i(d_i): the allreduce of the accumulated updates
+        u = [m * self.p for m in self._mean(ds)]
+        if method == "downpour":
+            return [c + ui for c, ui in zip(self.center, u)]
+        mu = self.case.master_momentum  # mdownpour
+        new_c = []
+        for c, ui, v in zip(self.center, u, self.master_v):
+            v.mul_(mu).add_(ui)
+            new_c.append(c + ui + mu * v)
+        return new_c
+
+    def _sync_pull(self, method):
+        """Sync: every worker restarts from the new center."""
+        ds = [[x.detach() - c for x, c in zip(self._params(i), self.center)] for i in range(self.p)]
+        with torch.no_grad():
+            new_c = self._new_center(ds)
+            for c, n in zip(self.center, new_c):
+                c.copy_(n)
+            for i in range(self.p):
+                for x, c in zip(self._params(i), self.center):
+                    x.copy_(c)
+        self.applied += 1
+        self._update_average()
+
+    def _apply_pull(self, ds):
+        """Async, tau steps late: restart from the new center but keep the local progress made
+        since the snapshot: x <- x + (c_new - c_old) - d."""
+        with torch.no_grad():
+            new_c = self._new_center(ds)
+            for i in range(self.p):
+                for x, c, n, d in zip(self._params(i), self.center, new_c, ds[i]):
+                    x.add_((n - c) - d)
+            for c, n in zip(self.center, new_c):
+                c.copy_(n)
+        self.applied += 1
+        self._update_average()
+
+    def synchronize(self):
+        if self.pending is not None:
+            if self.case.method == "easgd":
+                self._apply_easgd(*self.pending)
+            else:
+                self._apply_pull(self.pending)
+            self.pending = None
+
+    def run(self, steps: Optional[int] = None, synchronize: bool = True) -> "Reference":
+        for _ in range(self.case.steps if steps is None else steps):
+            self.step()
+        if synchronize:
+            self.synchronize()
+        return self
+
+    def result(self) -> dict:
+        out = {
+            "params": [flat(self._params(i)) for i in range(self.p)],
+            "center": flat(self.center),
+            "steps": self.steps,
+            "rounds": self.rounds,
+            "losses": self.losses,
+        }
+        if self.avg_center is not None:
+            out["avg_center"] = flat(self.avg_center)
+        if self.case.buffers:
+            out["buffers"] = [flat(b for _, b in float_buffers(m)) for m in self.models]
+        return out
+
+
+def reference_result(case: Case, p: int) -> dict:
+    return Reference(case, p).run().result()
+
+
+def max_abs_diff(a: List[float], b: List[float]) -> float:
+    assert len(a) == len(b), f"length {len(a)} != {len(b)}"
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)

@@ -1,0 +1,237 @@
+"""The elastic optimizer's asynchronous mode (issue 4), with real Horovod Gloo workers.
+
+Async rounds are applied tau steps late (round k's correction lands at round k+1, or at
+`synchronize()`); tests/reference.py simulates exactly that, and the workers must match it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.hvdrun import WORKERS, horovodrun, run_workers
+from tests.reference import Case, max_abs_diff, reference_result
+
+TOL = 1e-6
+
+MATCH_CASES = [
+    Case(name="async-easgd-sgd-wd", mode="async", method="easgd", opt="sgd"),
+    Case(name="async-eamsgd-nesterov", mode="async", method="easgd", opt="nesterov", seed=1),
+    Case(name="async-easgd-tau1", mode="async", method="easgd", opt="nesterov", tau=1, steps=5,
+         seed=2),
+    Case(name="async-easgd-running", mode="async", method="easgd", opt="sgd", tau=2, steps=9,
+         center_average="running", seed=3),
+    # the pulling methods, delayed the same way (see tests/reference.py for the rule)
+    Case(name="async-downpour", mode="async", method="downpour", opt="sgd", seed=4),
+    Case(name="async-average", mode="async", method="average", opt="nesterov", seed=5),
+    Case(name="async-mdownpour", mode="async", method="mdownpour", master_momentum=0.5,
+         opt="sgd", seed=6),
+]
+EASGD_CASES = [c for c in MATCH_CASES if c.method == "easgd"]
+PULL_CASES = [c for c in MATCH_CASES if c.method != "easgd"]
+
+SETTLE = [
+    {"kind": "settle", "settle_after": 6,
+     "case": Case(name="settle-average", mode="async", method="average", tau=2, steps=16,
+                  seed=7).to_dict()},
+    {"kind": "settle", "settle_after": 6,
+     "case": Case(name="settle-downpour", mode="async", method="downpour", tau=2, steps=16,
+                  seed=8).to_dict()},
+]
+OVERLAP = [
+    {"kind": "overlap", "delay": 0.2, "work": 0.15,
+     "case": Case(name=f"overlap-{mode}", mode=mode, tau=4, steps=12).to_dict()}
+    for mode in ("async", "sync")
+]
+BOOM = [
+    {"kind": "boom", "fail_round": 2,
+     "case": Case(name=f"boom-{mode}", mode=mode, tau=2, steps=10).to_dict()}
+    for mode in ("async", "sync")
+]
+RESUME = [
+    {"kind": "resume", "save_at": 7,
+     "case": Case(name="async-resume-in-flight", mode="async", opt="nesterov", seed=9).to_dict()},
+]
+CLOSE = [{"kind": "close", "case": Case(name="close", mode="async", tau=2, steps=5).to_dict()}]
+
+
+def _items(np_):
+    items = [{"kind": "match", "case": c.to_dict()} for c in MATCH_CASES] + SETTLE + RESUME
+    if np_ == 2:
+        items += OVERLAP + BOOM + CLOSE
+    return items
+
+
+_JOBS: dict = {}
+
+
+def _run_job(np_, tmp_path_factory):
+    """One horovodrun job per worker count, shared by every test that needs it."""
+    if np_ not in _JOBS:
+        out = tmp_path_factory.mktemp(f"async_np{np_}")
+        items = _items(np_)
+        try:
+            results = run_workers("opt_async.py", out, np=np_,
+                                  args=["--cases", json.dumps(items)], timeout=240,
+                                  env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "60"})
+            _JOBS[np_] = (np_, {item["case"]["name"]: [r["results"][i] for r in results]
+                                for i, item in enumerate(items)})
+        except (AssertionError, subprocess.TimeoutExpired) as exc:
+            _JOBS[np_] = exc  # fail every dependent test with it, without rerunning the job
+    job = _JOBS[np_]
+    if isinstance(job, BaseException):
+        raise AssertionError(f"the {np_}-worker job failed: {job}")
+    return job
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
+def async_job(request, tmp_path_factory):
+    return _run_job(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def async_np2(tmp_path_factory):
+    return _run_job(2, tmp_path_factory)
+
+
+def _ok(ranks, name):
+    for r, res in enumerate(ranks):
+        assert res["ok"], f"{name}: rank {r} raised:\n{res['error']['traceback']}"
+    return ranks
+
+
+def _check_match(np_, ranks, case):
+    ref = reference_result(case, np_)
+    for r, res in enumerate(ranks):
+        d = max_abs_diff(res["params"], ref["params"][r])
+        assert d < TOL, f"{case.name} np={np_}: rank {r} local params differ by {d}"
+        d = max_abs_diff(res["center"], ref["center"])
+        assert d < TOL, f"{case.name} np={np_}: rank {r} center differs by {d}"
+        assert res["counters"] == {"steps": ref["steps"], "rounds": ref["rounds"]}
+        if case.center_average:
+            d = max_abs_diff(res["avg_center"], ref["avg_center"])
+            assert d < TOL, f"{case.name}: averaged center differs by {d}"
+        # one allreduce per round in all (on the background thread)
+        assert res["total_allreduces"] == ref["rounds"] == res["stats"]["allreduce_calls"]
+        assert res["center"] == ranks[0]["center"], f"center of rank {r} != rank 0 (bitwise)"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", EASGD_CASES, ids=[c.name for c in EASGD_CASES])
+def test_async_easgd_matches_delayed_reference(async_job, case):
+    np_, by_name = async_job
+    _check_match(np_, _ok(by_name[case.name], case.name), case)
+
+
+@pytest.mark.timeout(300)
+def test_async_is_not_sync(async_job):
+    """The delay is real: the async reference differs from the sync one, so the match above
+    could not pass with a wrapper that applies rounds at once."""
+    np_, by_name = async_job
+    case = EASGD_CASES[0]
+    sync = reference_result(Case.from_dict({**case.to_dict(), "mode": "sync"}), np_)
+    got = by_name[case.name][0]
+    assert max_abs_diff(got["center"], sync["center"]) > 1e-4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", PULL_CASES, ids=[c.name for c in PULL_CASES])
+def test_async_pulling_methods_match_delayed_reference(async_job, case):
+    np_, by_name = async_job
+    _check_match(np_, _ok(by_name[case.name], case.name), case)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("item", SETTLE, ids=[i["case"]["name"] for i in SETTLE])
+def test_async_pulling_methods_settle_on_the_center(async_job, item):
+    """With the learning rate set to 0, a worker makes no progress: a late pull must not keep
+    re-applying an update the worker already gave up (no oscillation around the center)."""
+    np_, by_name = async_job
+    name = item["case"]["name"]
+    for r, res in enumerate(_ok(by_name[name], name)):
+        d = max_abs_diff(res["params"], res["center"])
+        assert d < TOL, f"{name}: rank {r} ends {d} away from the center; trace {res['trace']}"
+
+
+@pytest.mark.timeout(300)
+def test_async_state_dict_keeps_the_round_in_flight(async_job):
+    """Saved at step 7 with round 2 (step 6) in flight: state_dict() synchronizes, so the
+    resumed run equals an uninterrupted run that synchronized at step 7."""
+    np_, by_name = async_job
+    item = RESUME[0]
+    case = Case.from_dict(item["case"])
+    for r, res in enumerate(_ok(by_name[case.name], case.name)):
+        assert res["saved_counters"] == res["loaded_counters"] == {"steps": 7, "rounds": 2}
+        assert res["resumed"]["params"] == res["full"]["params"], f"rank {r}"
+        assert res["resumed"]["center"] == res["full"]["center"], f"rank {r}"
+        assert res["resumed"]["counters"] == res["full"]["counters"]
+
+
+@pytest.mark.timeout(300)
+def test_async_overlaps_communication(async_np2):
+    np_, by_name = async_np2
+    for mode in ("async", "sync"):
+        for r, res in enumerate(_ok(by_name[f"overlap-{mode}"], f"overlap-{mode}")):
+            before, after = res["before_sync"], res["after_sync"]
+            assert after["rounds"] == 3 and after["allreduce_calls"] == 3
+            if mode == "sync":
+                assert before["stalls"] == 3, before  # every round waits for the slow exchange
+                assert after["wait_seconds"] >= 0.0
+            else:
+                # rounds 1-2 were collected at the next round (4 steps of 0.15 s later), long
+                # after their 0.2 s delay was over
+                assert before["stalls"] <= 1, before
+                assert after["stalls"] <= before["stalls"] + 1  # the final synchronize may wait
+
+
+@pytest.mark.timeout(300)
+def test_async_error_reraised_on_training_thread(async_np2):
+    np_, by_name = async_np2
+    tau = 2
+    for r, res in enumerate(_ok(by_name["boom-async"], "boom-async")):
+        # round 2 is handed off at step 4 and fails on the thread; the training thread sees it
+        # at the next step that checks (5) or at round 3 (step 6) at the latest
+        assert res["raised_at"] in (2 * tau + 1, 3 * tau), res
+        assert res["first"]["type"] == "RuntimeError" and res["first"]["message"] == "boom"
+        assert "boom" in res["first"]["traceback"]
+        # the optimizer stays failed, and says so
+        assert res["later_step"] is not None and res["later_sync"] is not None
+        assert res["close_ok"], res.get("close_error")
+    for r, res in enumerate(_ok(by_name["boom-sync"], "boom-sync")):
+        assert res["raised_at"] == 2 * tau, res
+        assert res["first"]["message"] == "boom"
+
+
+@pytest.mark.timeout(300)
+def test_async_close_and_context_manager(async_np2):
+    np_, by_name = async_np2
+    case = Case.from_dict(CLOSE[0]["case"])
+    ref = reference_result(case, np_)  # leaving the `with` block finishes the last round
+    for r, res in enumerate(_ok(by_name["close"], "close")):
+        assert res["enter_returns_self"]
+        assert res["close_twice_ok"], res.get("close_error")
+        assert res["step_after_close"] is not None  # a closed optimizer refuses to step
+        assert max_abs_diff(res["after_with"]["center"], ref["center"]) < TOL
+
+
+@pytest.mark.timeout(200)
+def test_script_without_close_exits_cleanly(tmp_path):
+    """A round is still in flight when the script ends without close(): atexit finishes it."""
+    results = run_workers("opt_async.py", tmp_path, np=2, args=["--what", "noclose"],
+                          timeout=120, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "30"})
+    assert [r["results"][-1]["noclose_rounds"] for r in results] == [2, 2]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_one_worker_raising_fails_the_job_in_bounded_time(tmp_path, mode):
+    # bounded: the subprocess timeout (150 s) fails the test if the job hangs
+    proc = horovodrun([sys.executable, str(WORKERS / "opt_raise.py"), "--out", str(tmp_path),
+                       "--what", mode], np=2, timeout=150, check=False,
+                      env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "20"})
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "worker 1 failed on purpose" in proc.stdout + proc.stderr
+    assert not (tmp_path / "rank0.json").exists()  # rank 0 did not carry on to the end alone

@@ -1,0 +1,48 @@
+"""Worker: models that differ across workers must make EVERY rank raise at construction.
+
+Rank 1 (only) builds a different model for each variant in `--what` (comma separated):
+- "extra": an extra parameter at the end,
+- "shape": `0.weight` with another shape,
+- "dtype": `2.bias` in float64,
+- "same": no difference (construction must succeed: the check is not over-eager).
+Each rank writes, per variant, whether construction raised and the message.
+"""
+
+import torch
+import torch.nn as nn
+
+from opt_common import error_text, hvd_easgd, init, parse_args, write
+
+
+class Net(nn.Module):
+    def __init__(self, variant: str, rank: int):
+        super().__init__()
+        differs = rank == 1
+        hid = 9 if (differs and variant == "shape") else 8
+        self.add_module("0", nn.Linear(6, hid))
+        self.add_module("1", nn.Tanh())
+        self.add_module("2", nn.Linear(hid, 3))
+        if differs and variant == "dtype":
+            self._modules["2"].bias.data = self._modules["2"].bias.data.double()
+        if differs and variant == "extra":
+            self.extra = nn.Parameter(torch.zeros(2))
+
+
+def main():
+    args = parse_args()
+    rank, size = init()
+    results = {}
+    for variant in args.what.split(","):
+        model = Net(variant, rank)
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        try:
+            opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(), tau=2)
+            results[variant] = {"raised": False}
+            opt.close()
+        except Exception as exc:  # noqa: BLE001
+            results[variant] = {"raised": True, **error_text(exc)}
+    write(args.out, rank, {"rank": rank, "size": size, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Worker: synchronous/async training cases compared against tests/reference.py.
+
+`--cases` is a JSON list of items {"kind": ..., "case": Case dict, ...}:
+- "match": train case.steps steps, counting allreduces after every step (wrapped Horovod
+  functions), then `synchronize()`; report params, center, counters, stats, the per-step
+  allreduce counts, and a center_state_dict() load check. With case.buffers, also the floating
+  buffers right before (after forward) and right after every round step.
+- "resume": uninterrupted run (in async mode, synchronized at `save_at`, as state_dict() does)
+  vs. a run saved at step `save_at` (state_dict of the wrapper and the
+  model), rebuilt fresh (other init), loaded and continued; both snapshots reported.
+Writes {"results": [...]} to rank{R}.json.
+"""
+
+from opt_common import (
+    AllreduceCounter, Case, build, counters, error_text, float_buffers_list,
+    init, parse_args, snapshot, train_steps, write,
+)
+import copy
+import json
+
+from tests.reference import flat, float_buffers
+
+import torch
+
+
+def run_match(item, rank):
+    case = Case.from_dict(item["case"])
+    model, base, opt = build(case, rank)
+    per_step = []
+    bufs_before, bufs_after = {}, {}
+    from tests.reference import local_backward
+
+    with AllreduceCounter() as counter:
+        for t in range(1, case.steps + 1):
+            local_backward(model, opt, case, rank, t)
+            if case.buffers and t % case.tau == 0:
+                bufs_before[t] = float_buffers_list(model)
+            before = counter.count
+            opt.step()
+            per_step.append(counter.count - before)
+            if case.buffers and t % case.tau == 0:
+                bufs_after[t] = float_buffers_list(model)
+        before = counter.count
+        opt.synchronize()
+        sync_count = counter.count - before
+        total_count = counter.count
+    out = snapshot(case, opt, model)
+    out.update(per_step=per_step, sync_allreduces=sync_count, total_allreduces=total_count,
+               bufs_before=bufs_before, bufs_after=bufs_after)
+    # center_state_dict loads into a fresh model
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    sd = opt.center_state_dict()
+    res = fresh.load_state_dict(sd, strict=False)
+    out["csd_missing"] = list(res.missing_keys)
+    out["csd_unexpected"] = list(res.unexpected_keys)
+    out["csd_keys"] = sorted(sd.keys())
+    out["center_buffers"] = flat(sd[n] for n, _ in float_buffers(model) if n in sd)
+    out["csd_dtypes"] = sorted({str(v.dtype) for v in sd.values()})
+    out["csd_loaded_params"] = flat(fresh.parameters())
+    if hasattr(opt, "close"):
+        opt.close()
+    return out
+
+
+def run_resume(item, rank):
+    case = Case.from_dict(item["case"])
+    save_at = int(item["save_at"])
+    # uninterrupted
+    model, base, opt = build(case, rank)
+    train_steps(case, model, opt, rank, 0, save_at)
+    if case.mode == "async":
+        opt.synchronize()  # what state_dict() does at the save point
+    train_steps(case, model, opt, rank, save_at, case.steps)
+    opt.synchronize()
+    full = snapshot(case, opt, model)
+    opt.close() if hasattr(opt, "close") else None
+    # interrupted at save_at
+    model, base, opt = build(case, rank)
+    train_steps(case, model, opt, rank, 0, save_at)
+    sd = opt.state_dict()
+    model_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = copy.deepcopy(sd)
+    saved_counters = counters(opt)
+    opt.close() if hasattr(opt, "close") else None
+    del opt, base, model
+    other = Case.from_dict({**item["case"], "seed": case.seed + 12345})  # a different init
+    model2, base2, opt2 = build(other, rank)
+    model2.load_state_dict(model_sd)
+    opt2.load_state_dict(sd)
+    loaded_counters = counters(opt2)
+    train_steps(case, model2, opt2, rank, save_at, case.steps)
+    opt2.synchronize()
+    resumed = snapshot(case, opt2, model2)
+    opt2.close() if hasattr(opt2, "close") else None
+    return {"full": full, "resumed": resumed, "saved_counters": saved_counters,
+            "loaded_counters": loaded_counters}
+
+
+def main():
+    args = parse_args()
+    rank, size = init()
+    results = []
+    for item in json.loads(args.cases):
+        try:
+            fn = {"match": run_match, "resume": run_resume}[item["kind"]]
+            results.append({"ok": True, **fn(item, rank)})
+        except Exception as exc:  # report, keep going: the test names the failing case
+            results.append({"ok": False, "error": error_text(exc)})
+    write(args.out, rank, {"rank": rank, "size": size, "results": results})
+
+
+if __name__ == "__main__":
+    main()
