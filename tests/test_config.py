@@ -1,0 +1,205 @@
+"""Config schema, recipes with `_base_`, `--set` overrides, and the errors users see."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from hvd_easgd.config import (
+    ConfigError, apply_overrides, config_from_dict, load_config, save_config, valid_keys,
+)
+
+MINIMAL = "model:\n  name: digits_net\noptimizer:\n  lr: 0.1\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_minimal_recipe_gets_schema_defaults(tmp_path):
+    cfg = load_config(write(tmp_path / "r.yaml", MINIMAL))
+    assert cfg.optimizer.lr == 0.1 and cfg.optimizer.method == "easgd"
+    assert cfg.optimizer.beta == 0.9 and cfg.optimizer.momentum == 0.99
+    assert cfg.train.batch_size == 128
+    assert cfg.name == "r"  # defaults to the recipe's file name
+
+
+def test_unknown_key_lists_valid_keys_of_its_section(tmp_path):
+    p = write(tmp_path / "r.yaml", MINIMAL + "  lrr: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "optimizer.lrr" in msg and str(p) in msg
+    assert "did you mean 'lr'" in msg
+    for key in valid_keys("optimizer"):
+        assert key in msg
+    assert "tau" in msg and "schedule" in msg
+
+
+def test_unknown_nested_and_top_level_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer\.schedule\.warmup.*valid keys of optimizer\.schedule: "
+                                          r"name, warmup_epochs"):
+        load_config(write(tmp_path / "a.yaml", MINIMAL + "  schedule:\n    warmup: 3\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*valid keys of the top level: .*train"):
+        load_config(write(tmp_path / "b.yaml", MINIMAL + "trian:\n  epochs: 3\n"))
+
+
+def test_section_given_a_scalar(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optimizer' must be a mapping.*valid keys of optimizer"):
+        load_config(write(tmp_path / "r.yaml", "model:\n  name: x\noptimizer: 0.1\n"))
+
+
+def test_wrong_type_names_key_and_lists_section(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path / "r.yaml", MINIMAL + "  tau: sixteen\n"))
+    msg = str(e.value)
+    assert "optimizer.tau" in msg and "sixteen" in msg and "valid keys of optimizer" in msg
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(write(tmp_path / "s.yaml", MINIMAL + "train:\n  batch_size: 1.5\n"))
+    with pytest.raises(ConfigError, match=r"data\.fake_image_shape"):
+        load_config(write(tmp_path / "t.yaml", MINIMAL + "data:\n  fake_image_shape: [3, a, 8]\n"))
+
+
+def test_missing_required_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path / "r.yaml", "optimizer:\n  tau: 4\n"))
+    msg = str(e.value)
+    assert "model.name" in msg and "optimizer.lr" in msg and "--set" in msg
+
+
+def test_bad_choices_list_the_valid_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer\.method.*'easgdd'.*easgd, eamsgd, downpour"):
+        load_config(write(tmp_path / "r.yaml", MINIMAL + "  method: easgdd\n"))
+    with pytest.raises(ConfigError, match="sync, async"):
+        load_config(write(tmp_path / "s.yaml", MINIMAL + "  mode: later\n"))
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(write(tmp_path / "t.yaml", MINIMAL + "  alpha: 0.2\n"))
+    with pytest.raises(ConfigError, match=r"beta.*\(0, 1\]"):
+        load_config(write(tmp_path / "u.yaml", MINIMAL + "  beta: 1.5\n"))
+    with pytest.raises(ConfigError, match="optimizer.tau"):
+        load_config(write(tmp_path / "v.yaml", MINIMAL + "  tau: 0\n"))
+
+
+def test_alpha_instead_of_beta(tmp_path):
+    cfg = load_config(write(tmp_path / "r.yaml", MINIMAL + "  alpha: 0.2\n  beta: null\n"))
+    assert cfg.optimizer.alpha == 0.2 and cfg.optimizer.beta is None
+
+
+def test_base_chain_relative_to_each_file(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  batch_size: 64\n  epochs: 3\noptimizer:\n  tau: 2\n  lr: 0.5\n")
+    write(tmp_path / "ds" / "base.yaml", "_base_: ../base.yaml\nmodel:\n  name: cifar_paper\ntrain:\n  epochs: 7\n")
+    leaf = write(tmp_path / "ds" / "sub" / "leaf.yaml", "_base_: ../base.yaml\noptimizer:\n  tau: 16\n")
+    cfg = load_config(leaf)
+    assert cfg.train.batch_size == 64  # from the root base
+    assert cfg.train.epochs == 7  # the middle base overrides the root
+    assert cfg.model.name == "cifar_paper"
+    assert cfg.optimizer.tau == 16 and cfg.optimizer.lr == 0.5  # the leaf overrides, the rest is kept
+    assert cfg.name == "leaf"
+
+
+def test_base_list_merges_in_order(tmp_path):
+    write(tmp_path / "a.yaml", "optimizer:\n  lr: 1.0\n  tau: 3\n")
+    write(tmp_path / "b.yaml", "optimizer:\n  lr: 2.0\n")
+    leaf = write(tmp_path / "leaf.yaml", "_base_: [a.yaml, b.yaml]\nmodel:\n  name: digits_net\n")
+    cfg = load_config(leaf)
+    assert cfg.optimizer.lr == 2.0 and cfg.optimizer.tau == 3
+
+
+def test_base_errors(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found: nope.yaml"):
+        load_config(write(tmp_path / "c.yaml", "_base_: nope.yaml\n"))
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "missing.yaml")
+    # an error in a base names the base file
+    write(tmp_path / "bad.yaml", "optimizer:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(write(tmp_path / "d.yaml", "_base_: bad.yaml\n" + MINIMAL))
+
+
+def test_set_overrides(tmp_path):
+    p = write(tmp_path / "r.yaml", MINIMAL)
+    cfg = load_config(p, ["optimizer.lr=0.01", "optimizer.tau=64", "data.fake_image_shape=[1,8,8]",
+                          "optimizer.schedule.milestones=[10,20]", "train.max_steps=5", "name=other"])
+    assert cfg.optimizer.lr == 0.01 and cfg.optimizer.tau == 64
+    assert list(cfg.data.fake_image_shape) == [1, 8, 8]
+    assert list(cfg.optimizer.schedule.milestones) == [10.0, 20.0]
+    assert cfg.train.max_steps == 5 and cfg.name == "other"
+    # later overrides win; null works
+    cfg = load_config(p, ["optimizer.lr=0.3", "optimizer.lr=0.4", "train.max_steps=null"])
+    assert cfg.optimizer.lr == 0.4 and cfg.train.max_steps is None
+    # overrides can supply required keys
+    cfg = load_config(write(tmp_path / "empty.yaml", ""), ["model.name=digits_net", "optimizer.lr=1"])
+    assert cfg.model.name == "digits_net"
+
+
+def test_set_errors(tmp_path):
+    p = write(tmp_path / "r.yaml", MINIMAL)
+    with pytest.raises(ConfigError, match=r"--set optimizer\.lrr=1.*valid keys of optimizer"):
+        load_config(p, ["optimizer.lrr=1"])
+    with pytest.raises(ConfigError, match=r"--set optimizer\.tau=x.*optimizer\.tau"):
+        load_config(p, ["optimizer.tau=x"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(p, ["optimizer.lr"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path / "r.yaml", MINIMAL), ["optimizer.tau=7"])
+    out = tmp_path / "run" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert "_base_" not in out.read_text()
+
+
+def test_config_from_dict_checks_too():
+    cfg = config_from_dict({"model": {"name": "digits_net"}, "optimizer": {"lr": 0.1}})
+    assert cfg.optimizer.lr == 0.1
+    with pytest.raises(ConfigError, match="optimizer.lrr"):
+        config_from_dict({"model": {"name": "digits_net"}, "optimizer": {"lrr": 0.1}})
+    cfg = apply_overrides(cfg, ["train.epochs=2.5"])
+    assert cfg.train.epochs == 2.5
+
+
+def test_cli_print_config_and_errors(tmp_path, capsys):
+    from hvd_easgd.train import main
+
+    p = write(tmp_path / "r.yaml", MINIMAL)
+    assert main(["--config", str(p), "--set", "optimizer.tau=5", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "tau: 5" in out and "lr: 0.1" in out
+    assert main(["--config", str(p), "--set", "optimizer.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "optimizer.bogus" in err and "valid keys of optimizer" in err
+
+
+def test_lr_schedules():
+    from hvd_easgd.train import lr_at
+
+    def cfg(**schedule):
+        return config_from_dict({"model": {"name": "m"}, "optimizer": {"lr": 1.0, "schedule": schedule}})
+
+    spe, total = 10, 100
+    c = cfg()
+    assert lr_at(c, 1, spe, total) == 1.0 and lr_at(c, 100, spe, total) == 1.0
+    c = cfg(name="step", milestones=[2, 5], gamma=0.1)
+    assert lr_at(c, 20, spe, total) == 1.0  # 19 steps done: still epoch < 2
+    assert lr_at(c, 21, spe, total) == pytest.approx(0.1)
+    assert lr_at(c, 51, spe, total) == pytest.approx(0.01)
+    c = cfg(name="cosine", min_lr=0.0)
+    assert lr_at(c, 1, spe, total) == 1.0
+    assert lr_at(c, 51, spe, total) == pytest.approx(0.5)
+    assert lr_at(c, 101, spe, total) == pytest.approx(0.0, abs=1e-12)
+    c = cfg(name="cosine", warmup_epochs=1, warmup_start_factor=0.1)
+    assert lr_at(c, 1, spe, total) == pytest.approx(0.1)
+    assert lr_at(c, 6, spe, total) == pytest.approx(0.55)
+    assert lr_at(c, 11, spe, total) == pytest.approx(1.0)
+    assert all(math.isfinite(lr_at(c, s, spe, total)) for s in range(1, 120))
