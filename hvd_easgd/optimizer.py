@@ -16,6 +16,7 @@ import atexit
 import itertools
 import math
 import numbers
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -195,7 +196,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self._snapshot(slot)
         if self._exchange is None:
             self._start_round(slot)
+            started = time.perf_counter()
             totals = self.communicator.exchange(self._rounds_buf[slot], self._round)
+            self.stats.wait_seconds += time.perf_counter() - started
             self.stats.stalls += 1
             self._apply(slot, totals)
         else:

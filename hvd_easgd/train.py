@@ -274,6 +274,23 @@ def _fingerprint(payload: dict) -> list:
     return [int(payload["step"]), float(payload.get("origin") or 0.0), float(payload["wall_time"])]
 
 
+def _fresh_default_run_dir(base: Path, resume: bool, rank: int) -> Path:
+    """The default run directory: ``runs/<name>``, or, when that already holds a run and this is
+    not a resume, the first free ``runs/<name>-2``, ``-3``, ... so re-running a command never
+    touches an earlier run. Rank 0 decides (workers may not share a file system)."""
+    choice = base
+    if rank == 0 and not resume:
+        n = 1
+        while ckpt.list_checkpoints(choice) or (choice / "metrics.jsonl").exists():
+            n += 1
+            choice = base.with_name(f"{base.name}-{n}")
+    choice = Path(_broadcast_object(str(choice), rank, "hvd_easgd.run_dir"))
+    if choice != base:
+        _log(f"{base} already holds a run; writing this one to {choice} (--resume continues "
+             f"{base}; --run-dir chooses)", rank)
+    return choice
+
+
 def _find_resume(run_dir: Path, resume: bool, rank: int) -> Optional[dict]:
     """Rank 0 picks the checkpoint and tells everyone (or raises the same error everywhere)."""
     decision: Dict[str, Any] = {}
@@ -351,7 +368,9 @@ def run(
     method = o.method
     solo = method in SINGLE_WORKER_METHODS
     name = cfg.name or "run"
-    run_dir = Path(run_dir if run_dir is not None else (cfg.run_dir or Path("runs") / name))
+    if run_dir is None and not cfg.run_dir:
+        run_dir = _fresh_default_run_dir(Path("runs") / name, resume, rank)
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     cfg.run_dir = str(run_dir)
 
     if cfg.launch.np is not None and cfg.launch.np != size:
