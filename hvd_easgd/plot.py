@@ -202,6 +202,11 @@ def plot_runs(run_dirs: Sequence, out, *, labels: Optional[Sequence[str]] = None
     if labels and len(labels) != len(run_dirs):
         raise PlotError(f"--labels gave {len(labels)} labels for {len(run_dirs)} runs")
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
+    if not labels:
+        names = [run.label for run in runs]
+        for run in runs:  # two runs of one recipe: tell them apart by their directories
+            if names.count(run.label) > 1:
+                run.label = f"{run.label} ({run.path.name})"
     fig = make_figure(runs, x=x, smooth=smooth, log_loss=log_loss, title=title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

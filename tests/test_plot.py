@@ -99,3 +99,34 @@ def test_errors_name_the_run_dir_and_what_is_missing(tmp_path, capsys):
         f.write("garbage\n" + text)
     assert plot.main([str(bad)]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_runs_with_the_same_name_are_told_apart_by_directory(tmp_path):
+    from hvd_easgd.plot import plot_runs
+
+    dirs = []
+    for d in ("digits", "digits-2"):
+        run = tmp_path / d
+        run.mkdir()
+        (run / "config.yaml").write_text("name: digits\n")
+        (run / "metrics.jsonl").write_text(
+            '{"step": 1, "wall_time": 1.0, "train/loss": 2.0, "center/test_error": 0.5}\n'
+            '{"step": 2, "wall_time": 2.0, "train/loss": 1.0, "center/test_error": 0.2}\n')
+        dirs.append(run)
+    import matplotlib
+    matplotlib.use("Agg")
+    from hvd_easgd import plot
+
+    runs = []
+    original = plot.make_figure
+
+    def spy(r, *a, **k):
+        runs.extend(r)
+        return original(r, *a, **k)
+
+    plot.make_figure = spy
+    try:
+        plot_runs(dirs, tmp_path / "out.png")
+    finally:
+        plot.make_figure = original
+    assert [r.label for r in runs] == ["digits (digits)", "digits (digits-2)"]
