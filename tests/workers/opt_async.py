@@ -14,11 +14,11 @@ exit normally (atexit must finish it).
 Writes {"results": [...]} to rank{R}.json.
 """
 
-import json
 import time
 
 from opt_common import (
-    Case, build, error_text, init, parse_args, snapshot, stats_dict, train_steps, write,
+    Case, build, error_text, init, parse_args, run_items, snapshot, stats_dict, train_steps,
+    write,
 )
 from opt_sync import run_match, run_resume
 from tests.reference import flat, local_backward
@@ -147,15 +147,9 @@ def run_close(item, rank):
 def main():
     args = parse_args()
     rank, size = init()
-    results = []
-    for item in json.loads(args.cases):
-        try:
-            fn = {"match": run_match, "overlap": run_overlap, "boom": run_boom,
-                  "close": run_close, "settle": run_settle,
-                  "resume": run_resume}[item["kind"]]
-            results.append({"ok": True, **fn(item, rank)})
-        except Exception as exc:  # noqa: BLE001 - report it; the test names the failing case
-            results.append({"ok": False, "error": error_text(exc)})
+    results = run_items(args, rank, {"match": run_match, "overlap": run_overlap,
+                                     "boom": run_boom, "close": run_close,
+                                     "settle": run_settle, "resume": run_resume})
     if args.what == "noclose":
         case = Case(mode="async", tau=2, steps=5)
         model, base, opt = build(case, rank)

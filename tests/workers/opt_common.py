@@ -204,6 +204,18 @@ def error_text(exc: BaseException) -> dict:
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
+def run_items(args, rank: int, handlers: dict) -> list:
+    """Run every JSON item of ``--cases`` with the handler of its ``kind``; an item that raises
+    is reported, not raised, so the job goes on and the test names the failing case."""
+    results = []
+    for item in json.loads(args.cases):
+        try:
+            results.append({"ok": True, **handlers[item["kind"]](item, rank)})
+        except Exception as exc:  # noqa: BLE001
+            results.append({"ok": False, "error": error_text(exc)})
+    return results
+
+
 def write(out_dir: str, rank: int, result: dict):
     write_rank_result(out_dir, rank, result)
 
@@ -213,6 +225,7 @@ def cases_from(args) -> list:
 
 
 __all__ = [
+    "run_items",
     "hvd", "mpi_ops", "hvd_easgd", "torch", "os", "json", "Case", "AllreduceCounter",
     "parse_args", "init", "build", "wrapper_kwargs", "center_list", "snapshot", "stats_dict",
     "counters", "train_steps", "error_text", "float_buffers_list", "write", "cases_from",

@@ -12,11 +12,10 @@ Writes {"results": [...]} to rank{R}.json.
 """
 
 from opt_common import (
-    AllreduceCounter, Case, build, counters, error_text, float_buffers_list,
-    init, parse_args, snapshot, train_steps, write,
+    AllreduceCounter, Case, build, counters, float_buffers_list,
+    init, parse_args, run_items, snapshot, train_steps, write,
 )
 import copy
-import json
 
 from tests.reference import flat, float_buffers
 
@@ -102,13 +101,7 @@ def run_resume(item, rank):
 def main():
     args = parse_args()
     rank, size = init()
-    results = []
-    for item in json.loads(args.cases):
-        try:
-            fn = {"match": run_match, "resume": run_resume}[item["kind"]]
-            results.append({"ok": True, **fn(item, rank)})
-        except Exception as exc:  # report, keep going: the test names the failing case
-            results.append({"ok": False, "error": error_text(exc)})
+    results = run_items(args, rank, {"match": run_match, "resume": run_resume})
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 
