@@ -181,30 +181,38 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self._raise_if_failed()
         self._step += 1
         self.stats.steps += 1
-        is_round = self._step % self.tau == 0
+        if self._step % self.tau:
+            return self.optimizer.step(closure)
         slot = self._free_slot()
-        if is_round and self.rule.snapshot_before_step:
+        pending = None
+        if self.rule.snapshot_before_step:
             self._snapshot(slot)
+            if self._exchange is None:
+                # Sync EASGD: nothing moves the center before this round lands, so its
+                # allreduce can run while the local optimizer updates the parameters.
+                self._start_round(slot)
+                pending = self.communicator.start(self._rounds_buf[slot], self._round)
         loss = self.optimizer.step(closure)
-        if not is_round:
+        if self._exchange is None:
+            if pending is None:
+                self._snapshot(slot)
+                self._start_round(slot)
+                pending = self.communicator.start(self._rounds_buf[slot], self._round)
+            started = time.perf_counter()
+            totals = self.communicator.wait(pending)
+            self.stats.wait_seconds += time.perf_counter() - started
+            self.stats.stalls += 1
+            self._apply(slot, totals)
             return loss
-        if self._exchange is not None and self._exchange.in_flight:
+        if self._exchange.in_flight:
             self._finish_round()
         if not self.rule.snapshot_before_step:
             # After the previous round landed: a pulling method's difference must not count
             # again the pull the worker has just received.
             self._snapshot(slot)
-        if self._exchange is None:
-            self._start_round(slot)
-            started = time.perf_counter()
-            totals = self.communicator.exchange(self._rounds_buf[slot], self._round)
-            self.stats.wait_seconds += time.perf_counter() - started
-            self.stats.stalls += 1
-            self._apply(slot, totals)
-        else:
-            self._start_round(slot)
-            self._exchange.submit(self._rounds_buf[slot], self._round)
-            self._slot_in_flight = slot
+        self._start_round(slot)
+        self._exchange.submit(self._rounds_buf[slot], self._round)
+        self._slot_in_flight = slot
         return loss
 
     def synchronize(self) -> None:
