@@ -1,0 +1,290 @@
+"""Shared pieces of the benchmarks: models, Horovod collective counters, timing and tables.
+
+The counters wrap Horovod's own entry points, so every variant (``hvd.DistributedOptimizer``
+included) is measured by the same instrument: :class:`CollectiveMeter` counts each allreduce
+request and the bytes handed to it, and times how long the *training* thread blocks in
+``synchronize``. Nothing here changes what Horovod does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+#: Input of the communication-heavy MLP: a flattened 3x32x32 image.
+HEAVY_INPUT = 3 * 32 * 32
+HEAVY_HIDDEN = 4096
+#: Sleep between polls of a collective with ``CollectiveMeter(polite_wait=True)``.
+POLITE_WAIT_SLEEP = 0.0002
+
+
+def setup_worker(threads: int = 1) -> None:
+    """One compute thread per worker (the machine's cores are shared by all workers)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # denormals would make timings depend on the weights
+
+
+def heavy_mlp(hidden: int = HEAVY_HIDDEN, num_classes: int = 10) -> nn.Module:
+    """A wide MLP, 3072 -> hidden -> 3072 -> classes: ~25.2 M parameters at ``hidden=4096``.
+
+    ResNet-50-sized in parameters (25.6 M) but with little compute per parameter, so with a
+    small batch the exchange of parameters or gradients dominates a step.
+    """
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(HEAVY_INPUT, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, HEAVY_INPUT),
+        nn.ReLU(inplace=True),
+        nn.Linear(HEAVY_INPUT, num_classes),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: how to build it and the shape of one input sample."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: Sequence[int]
+    num_classes: int
+    default_batch: int
+
+
+def model_spec(name: str, hidden: int = HEAVY_HIDDEN) -> ModelSpec:
+    """``cifar``: the paper's CIFAR-10 net at 28x28; ``heavy``: :func:`heavy_mlp`."""
+    if name == "cifar":
+        from hvd_easgd.models import build_model
+
+        return ModelSpec("cifar", lambda: build_model("cifar_paper", 10), (3, 28, 28), 10, 128)
+    if name == "heavy":
+        return ModelSpec("heavy", lambda: heavy_mlp(hidden), (3, 32, 32), 10, 32)
+    raise ValueError(f"unknown model {name!r}; choose 'cifar' or 'heavy'")
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, or ``cuda`` (this worker's GPU: ``hvd.local_rank()``)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        import horovod.torch as hvd
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(hvd.local_rank())
+        return torch.device("cuda", hvd.local_rank())
+    raise SystemExit(f"unknown --device {name!r}; choose cpu or cuda")
+
+
+def device_sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ Horovod meter
+
+
+class CollectiveMeter:
+    """Counts Horovod allreduce requests and bytes; times the training thread's waits.
+
+    Wraps ``horovod.torch.mpi_ops._allreduce_async`` and ``_grouped_allreduce_async`` (every
+    public allreduce variant, ``hvd.DistributedOptimizer``'s per-gradient ``allreduce_async_``
+    and hvd-easgd's fused ``grouped_allreduce_async`` all go through one of them) and
+    ``synchronize`` wherever it is bound (``horovod.torch``, ``mpi_ops``, ``optimizer``).
+
+    ``calls`` counts collective requests as the framework submits them (one per tensor for
+    ``hvd.DistributedOptimizer``; Horovod may still fuse several into one ring operation);
+    ``bytes`` is the size of the tensors submitted, i.e. after wire compression.
+    ``blocked_seconds`` only counts ``synchronize`` calls on the thread that created the meter
+    (the training thread), not those of hvd-easgd's background exchange thread.
+
+    ``polite_wait=True`` is an experiment, off by default: Horovod 0.28's ``synchronize``
+    waits in a ``std::this_thread::yield()`` loop, i.e. it keeps a core busy for as long as the
+    collective is on the wire. With it, every ``synchronize`` (any thread, any variant) first
+    sleeps in short steps until ``hvd.poll`` says the result is there, so waiting threads leave
+    the CPU to compute and to Horovod's own background thread.
+    """
+
+    def __init__(self, polite_wait: bool = False) -> None:
+        import horovod.torch as hvd_pkg
+        import horovod.torch.mpi_ops as mpi_ops
+        import horovod.torch.optimizer as hvd_opt
+
+        self._lock = threading.Lock()
+        self._owner = threading.get_ident()
+        self._poll = mpi_ops.poll if polite_wait else None
+        self.calls = 0
+        self.bytes = 0
+        self.blocked_seconds = 0.0
+        self._patched: List[tuple] = []
+        self._patch(mpi_ops, "_allreduce_async", self._count_single)
+        self._patch(mpi_ops, "_grouped_allreduce_async", self._count_group)
+        for module in (mpi_ops, hvd_pkg, hvd_opt):
+            self._patch(module, "synchronize", self._timed)
+
+    def _patch(self, module: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+        original = getattr(module, name)
+        setattr(module, name, make(original))
+        self._patched.append((module, name, original))
+
+    def _count_single(self, original: Callable) -> Callable:
+        def counted(tensor, output, *args, **kwargs):
+            with self._lock:
+                self.calls += 1
+                self.bytes += tensor.numel() * tensor.element_size()
+            return original(tensor, output, *args, **kwargs)
+
+        return counted
+
+    def _count_group(self, original: Callable) -> Callable:
+        def counted(tensors, outputs, *args, **kwargs):
+            with self._lock:
+                self.calls += 1
+                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+            return original(tensors, outputs, *args, **kwargs)
+
+        return counted
+
+    def _timed(self, original: Callable) -> Callable:
+        def wait(handle):
+            if self._poll is not None:
+                while not self._poll(handle):
+                    time.sleep(POLITE_WAIT_SLEEP)
+            return original(handle)
+
+        def timed(handle):
+            if threading.get_ident() != self._owner:
+                return wait(handle)
+            started = time.perf_counter()
+            try:
+                return wait(handle)
+            finally:
+                self.blocked_seconds += time.perf_counter() - started
+
+        return timed
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = 0
+            self.bytes = 0
+            self.blocked_seconds = 0.0
+
+    def snapshot(self) -> Dict[str, float]:
+        with self._lock:
+            return {"calls": self.calls, "bytes": self.bytes, "blocked": self.blocked_seconds}
+
+    def close(self) -> None:
+        """Restore Horovod's original functions."""
+        for module, name, original in reversed(self._patched):
+            setattr(module, name, original)
+        self._patched.clear()
+
+
+def thread_cpu_seconds() -> Optional[Dict[str, float]]:
+    """CPU seconds (user + system) of this process's main thread and of all its other threads.
+
+    The other threads are Horovod's background thread (which runs the Gloo/MPI collectives:
+    copies through the kernel and the reduction), its helpers, and hvd-easgd's exchange thread.
+    Linux only (``/proc/self/task``); ``None`` elsewhere.
+    """
+    task = Path("/proc/self/task")
+    if not task.is_dir():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    main, others = 0, 0
+    for entry in task.iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        if int(entry.name) == os.getpid():
+            main += ticks
+        else:
+            others += ticks
+    return {"main": main / tick, "others": others / tick}
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def environment() -> Dict[str, Any]:
+    """Versions and machine, for the JSON record."""
+    import horovod
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "horovod": horovod.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (readable in a terminal too)."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def write_json(path: Optional[str], payload: Dict[str, Any]) -> None:
+    if path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(payload, indent=2))
+
+
+@contextmanager
+def stopwatch() -> Iterator[List[float]]:
+    """``with stopwatch() as t: ...`` then ``t[0]`` is the elapsed seconds."""
+    box = [0.0]
+    started = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box[0] = time.perf_counter() - started
