@@ -319,3 +319,15 @@ def reference_result(case: Case, p: int) -> dict:
 def max_abs_diff(a: List[float], b: List[float]) -> float:
     assert len(a) == len(b), f"length {len(a)} != {len(b)}"
     return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def assert_rank_matches(case: "Case", np_: int, r: int, res: dict, ref: dict, tol: float) -> None:
+    """One rank's result against the reference: local params, center, counters, averaged center."""
+    d = max_abs_diff(res["params"], ref["params"][r])
+    assert d < tol, f"{case.name} np={np_}: rank {r} local params differ by {d}"
+    d = max_abs_diff(res["center"], ref["center"])
+    assert d < tol, f"{case.name} np={np_}: rank {r} center differs by {d}"
+    assert res["counters"] == {"steps": ref["steps"], "rounds": ref["rounds"]}
+    if case.center_average:
+        d = max_abs_diff(res["avg_center"], ref["avg_center"])
+        assert d < tol, f"{case.name}: averaged center differs by {d}"

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.hvdrun import WORKERS, horovodrun, run_workers
-from tests.reference import Case, max_abs_diff, reference_result
+from tests.reference import Case, assert_rank_matches, max_abs_diff, reference_result
 
 TOL = 1e-6
 
@@ -106,14 +106,7 @@ def _ok(ranks, name):
 def _check_match(np_, ranks, case):
     ref = reference_result(case, np_)
     for r, res in enumerate(ranks):
-        d = max_abs_diff(res["params"], ref["params"][r])
-        assert d < TOL, f"{case.name} np={np_}: rank {r} local params differ by {d}"
-        d = max_abs_diff(res["center"], ref["center"])
-        assert d < TOL, f"{case.name} np={np_}: rank {r} center differs by {d}"
-        assert res["counters"] == {"steps": ref["steps"], "rounds": ref["rounds"]}
-        if case.center_average:
-            d = max_abs_diff(res["avg_center"], ref["avg_center"])
-            assert d < TOL, f"{case.name}: averaged center differs by {d}"
+        assert_rank_matches(case, np_, r, res, ref, TOL)
         # one allreduce per round in all (on the background thread)
         assert res["total_allreduces"] == ref["rounds"] == res["stats"]["allreduce_calls"]
         assert res["center"] == ranks[0]["center"], f"center of rank {r} != rank 0 (bitwise)"

@@ -15,7 +15,8 @@ import torch
 
 from tests.hvdrun import run_workers
 from tests.reference import (
-    Case, Reference, build_model, build_optimizer, max_abs_diff, reference_result,
+    Case, Reference, assert_rank_matches, build_model, build_optimizer, max_abs_diff,
+    reference_result,
 )
 
 TOL = 1e-6
@@ -144,14 +145,7 @@ def test_sync_matches_reference(sync_job, case):
     ranks = _ok(by_name[case.name], case.name)
     ref = reference_result(case, np_)
     for r, res in enumerate(ranks):
-        d = max_abs_diff(res["params"], ref["params"][r])
-        assert d < TOL, f"{case.name} np={np_}: rank {r} local params differ by {d}"
-        d = max_abs_diff(res["center"], ref["center"])
-        assert d < TOL, f"{case.name} np={np_}: rank {r} center differs by {d}"
-        assert res["counters"] == {"steps": ref["steps"], "rounds": ref["rounds"]}
-        if case.center_average:
-            d = max_abs_diff(res["avg_center"], ref["avg_center"])
-            assert d < TOL, f"{case.name}: averaged center differs by {d}"
+        assert_rank_matches(case, np_, r, res, ref, TOL)
         if case.buffers:
             d = max_abs_diff(res["buffers"], ref["buffers"][r])
             assert d < TOL, f"{case.name}: buffers of rank {r} differ by {d}"
