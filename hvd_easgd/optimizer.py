@@ -140,7 +140,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             id(t): (gi, ti) for gi, g in enumerate(self._groups) for ti, t in enumerate(g.tensors)
         }
         self._centers = [g.new_buffer() for g in self._groups]
-        self._center_views = [g.views(c) for g, c in zip(self._groups, self._centers)]
+        self._center_views = self._views_of(self._centers)
         for g, views in zip(self._groups, self._center_views):
             g.gather(views)
         slots = 2 if self.mode == "async" else 1
@@ -152,6 +152,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self._velocity = (
             [torch.zeros_like(c) for c in self._centers] if self.rule.needs_velocity else None
         )
+        self._average_views = self._views_of(self._averages)
+        self._velocity_views = self._views_of(self._velocity)
 
         self.stats = ExchangeStats()
         self.communicator = Communicator(compression, f"hvd_easgd.{next(_instance_ids)}", self.stats)
@@ -301,7 +303,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 "no averaged center is kept: create the optimizer with "
                 "center_average='running' or 'moving'"
             )
-        return self._named_views([g.views(a) for g, a in zip(self._groups, self._averages)])
+        return self._named_views(self._average_views)
 
     def _named_views(self, views: List[List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
         return {
@@ -347,10 +349,10 @@ class ElasticOptimizer(torch.optim.Optimizer):
         sd = self.optimizer.state_dict()
         state = {index: dict(entry) for index, entry in sd["state"].items()}
         extras = {"easgd_center": self._center_views}
-        if self._averages is not None:
-            extras["easgd_center_average"] = [g.views(a) for g, a in zip(self._groups, self._averages)]
-        if self._velocity is not None:
-            extras["easgd_velocity"] = [g.views(v) for g, v in zip(self._groups, self._velocity)]
+        if self._average_views is not None:
+            extras["easgd_center_average"] = self._average_views
+        if self._velocity_views is not None:
+            extras["easgd_velocity"] = self._velocity_views
         for index, param in enumerate(self._params()):
             gi, ti = self._where[id(param)]
             entry = state.setdefault(index, {})
@@ -412,9 +414,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 self._center_views[gi][ti].copy_(ours[index]["easgd_center"])
                 if self._averages is not None:
                     saved = ours[index].get("easgd_center_average", ours[index]["easgd_center"])
-                    self._group_view(self._averages, gi, ti).copy_(saved)
+                    self._average_views[gi][ti].copy_(saved)
                 if self._velocity is not None and "easgd_velocity" in ours[index]:
-                    self._group_view(self._velocity, gi, ti).copy_(ours[index]["easgd_velocity"])
+                    self._velocity_views[gi][ti].copy_(ours[index]["easgd_velocity"])
             self._load_buffer_centers(easgd.get("buffers", {}))
         self._step = int(easgd["step"])
         self._round = int(easgd["round"])
@@ -432,10 +434,13 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
 
-    def _group_view(self, buffers: List[torch.Tensor], gi: int, ti: int) -> torch.Tensor:
-        group = self._groups[gi]
-        start = sum(group.numels[:ti])
-        return buffers[gi].narrow(0, start, group.numels[ti]).view(group.shapes[ti])
+    def _views_of(
+        self, buffers: Optional[List[torch.Tensor]]
+    ) -> Optional[List[List[torch.Tensor]]]:
+        """Per group, one view of each flat buffer per tensor (built once, reused)."""
+        if buffers is None:
+            return None
+        return [g.views(b) for g, b in zip(self._groups, buffers)]
 
     def _load_buffer_centers(self, saved: Dict[str, Dict[str, torch.Tensor]]) -> None:
         for gi, group in enumerate(self._groups):
@@ -448,7 +453,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 self._center_views[gi][ti].copy_(center)
                 if self._averages is not None:
                     average = saved.get("easgd_center_average", {}).get(name, center)
-                    self._group_view(self._averages, gi, ti).copy_(average)
+                    self._average_views[gi][ti].copy_(average)
 
     @torch.no_grad()
     def _reset_center(self) -> None:
