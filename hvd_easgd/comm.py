@@ -1,20 +1,39 @@
-"""Communication: one fused Horovod allreduce per round, in the foreground or on a thread.
+"""Communication: one fused Horovod allreduce per round, waited for politely.
 
 :class:`Communicator` sums a list of flat buffers (one per dtype/device) over all workers with a
 single ``hvd.grouped_allreduce_async`` call, optionally compressed on the wire (the center itself
-never is). :class:`BackgroundExchange` runs that call on one background thread so training goes
-on while the round is on the wire; Horovod's ``synchronize`` releases the GIL while it waits.
+never is). The caller's thread only enqueues the request; Horovod's own background thread moves
+the bytes.
+
+Waiting never spins. Horovod 0.28's ``hvd.synchronize`` busy-loops (``yield`` between polls) for
+as long as the collective is on the wire, which takes a whole core from training when there are
+as many workers as cores. :meth:`Communicator.wait` instead polls the handle and sleeps between
+polls (backing off to :data:`MAX_POLL_SLEEP`), and stops early when the round is cancelled.
+
+:class:`BackgroundExchange` waits for a round on a short-lived daemon thread, so that in async
+mode the training thread only starts and applies rounds. A round can be *cancelled* (Horovod
+Elastic reset): its thread stops polling the old handle at its next wake-up and its result is
+dropped; nothing ever joins it, so a reset cannot hang on it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import horovod.torch as hvd
 import torch
+
+#: First and longest sleep between two polls of a collective (seconds). A round lands at most
+#: this late; rounds take milliseconds to seconds, so it costs nothing measurable.
+MIN_POLL_SLEEP = 50e-6
+MAX_POLL_SLEEP = 1e-3
+
+
+class RoundCancelled(Exception):
+    """A round was dropped (Horovod Elastic reset) while it was being waited for."""
 
 
 @dataclass
@@ -26,6 +45,9 @@ class ExchangeStats:
     thread is blocked on rounds. In sync mode the two are about equal and every round stalls
     training; in async mode ``wait_seconds`` only grows, and ``stalls`` only counts, when a round
     is still on the wire at the next round step (or at ``synchronize()``).
+    ``skipped_rounds`` counts rounds that no worker applied because some worker's contribution
+    was not finite; ``dropped_rounds`` rounds abandoned by a Horovod Elastic reset; ``resets``
+    the resets this optimizer went through.
     """
 
     steps: int = 0
@@ -35,6 +57,9 @@ class ExchangeStats:
     comm_seconds: float = 0.0
     wait_seconds: float = 0.0
     stalls: int = 0
+    skipped_rounds: int = 0
+    dropped_rounds: int = 0
+    resets: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +72,23 @@ class Pending:
     handle: Any
     contexts: Tuple[Any, ...]
     started: float
+
+
+def wait_for_handle(handle: Any, cancelled: Callable[[], bool] = lambda: False) -> Any:
+    """``hvd.synchronize(handle)`` without spinning: poll, sleep, back off.
+
+    Raises :class:`RoundCancelled` if ``cancelled()`` turns true first (the handle is then left
+    alone: after an elastic reset its number may belong to a new collective).
+    """
+    delay = MIN_POLL_SLEEP
+    while not hvd.poll(handle):
+        if cancelled():
+            raise RoundCancelled()
+        time.sleep(delay)
+        delay = min(2 * delay, MAX_POLL_SLEEP)
+    if cancelled():
+        raise RoundCancelled()
+    return hvd.synchronize(handle)
 
 
 class Communicator:
@@ -68,65 +110,92 @@ class Communicator:
         self.stats.bytes_communicated += sum(t.numel() * t.element_size() for t in compressed)
         return Pending(handle, tuple(contexts), started)
 
-    def wait(self, pending: Pending) -> List[torch.Tensor]:
-        outputs = hvd.synchronize(pending.handle)
+    def wait(
+        self, pending: Pending, cancelled: Callable[[], bool] = lambda: False
+    ) -> List[torch.Tensor]:
+        outputs = wait_for_handle(pending.handle, cancelled)
         result = [self.compression.decompress(o, c) for o, c in zip(outputs, pending.contexts)]
         self.stats.comm_seconds += time.perf_counter() - pending.started
         return result
 
-    def exchange(self, tensors: Sequence[torch.Tensor], round_index: int) -> List[torch.Tensor]:
-        return self.wait(self.start(tensors, round_index))
+
+class _Round:
+    """One round being waited for on its own daemon thread."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.cancelled = threading.Event()
+        self.result: Optional[List[torch.Tensor]] = None
+        self.error: Optional[BaseException] = None
 
 
 class BackgroundExchange:
-    """Runs :meth:`Communicator.exchange` on one background thread, one round at a time.
+    """Waits for one round at a time on a background thread.
 
-    ``submit`` returns at once. ``collect`` blocks until the round is back and returns its
-    result, re-raising on the calling thread any exception the round raised (a lost peer, a
-    Horovod error) with its original type and traceback.
+    ``submit`` enqueues the allreduce on the calling (training) thread, so every collective is
+    requested in program order, and returns at once. ``collect`` blocks (on an event, not a
+    spin) until the round is back and returns its result, re-raising on the calling thread any
+    exception the round raised (a lost peer, a Horovod error) with its original traceback.
+    ``cancel`` abandons the round in flight without waiting for it.
     """
 
     def __init__(self, communicator: Communicator) -> None:
         self.communicator = communicator
-        self._executor: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="hvd-easgd-exchange"
-        )
-        self._future: Optional[Future] = None
+        self._round: Optional[_Round] = None
+        self._closed = False
 
     @property
     def in_flight(self) -> bool:
-        return self._future is not None
+        return self._round is not None
 
     def submit(self, tensors: Sequence[torch.Tensor], round_index: int) -> None:
-        if self._executor is None:
+        if self._closed:
             raise RuntimeError("the optimizer was closed; create a new one to keep training")
-        assert self._future is None, "at most one round may be in flight"
-        self._future = self._executor.submit(self.communicator.exchange, list(tensors), round_index)
+        assert self._round is None, "at most one round may be in flight"
+        pending = self.communicator.start(tensors, round_index)
+        current = _Round()
+
+        def wait() -> None:
+            try:
+                current.result = self.communicator.wait(pending, current.cancelled.is_set)
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread
+                current.error = error
+            finally:
+                current.done.set()
+
+        threading.Thread(target=wait, name="hvd-easgd-exchange", daemon=True).start()
+        self._round = current
 
     def failed(self) -> Optional[BaseException]:
         """The exception of a finished, failed round, without blocking."""
-        future = self._future
-        if future is not None and future.done():
-            return future.exception()
+        current = self._round
+        if current is not None and current.done.is_set():
+            return current.error
         return None
 
     def collect(self) -> Tuple[List[torch.Tensor], float, bool]:
         """Wait for the round in flight: ``(result, seconds waited, whether it had to wait)``."""
-        future, self._future = self._future, None
-        assert future is not None, "no round in flight"
-        stalled = not future.done()
+        current, self._round = self._round, None
+        assert current is not None, "no round in flight"
+        stalled = not current.done.is_set()
         started = time.perf_counter()
-        result = future.result()
-        return result, time.perf_counter() - started, stalled
+        current.done.wait()
+        if current.error is not None:
+            raise current.error
+        assert current.result is not None
+        return current.result, time.perf_counter() - started, stalled
 
-    def close(self) -> None:
-        """Let the round in flight finish (so no peer waits on us), then stop the thread."""
-        future, self._future = self._future, None
-        if future is not None:
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - already surfaced, or the process is exiting
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+    def cancel(self) -> bool:
+        """Abandon the round in flight (if any); return whether there was one."""
+        current, self._round = self._round, None
+        if current is None:
+            return False
+        current.cancelled.set()
+        return True
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Let the round in flight finish (so no peer waits on us), then refuse new rounds."""
+        current, self._round = self._round, None
+        if current is not None:
+            current.done.wait(timeout)
+        self._closed = True

@@ -65,17 +65,18 @@ class ElasticRule:
         diff: torch.Tensor,
         total: torch.Tensor,
         velocity: Optional[torch.Tensor] = None,
-    ) -> None:
-        """Apply one round in place.
+    ) -> float:
+        """Apply one round in place; return the scale ``s`` of the worker's correction.
 
         ``center`` is this worker's replica of the center and is updated. ``diff`` holds this
-        worker's ``d`` and is overwritten with the correction to *add* to the worker's
-        parameters. ``total`` (the sum of every worker's ``d``) may be overwritten.
+        worker's ``d``; on return the worker must add ``s * diff`` to its parameters (``diff``
+        may have been overwritten for that). ``total`` (the sum of every worker's ``d``) may be
+        overwritten. EASGD's correction is ``-alpha * d``: returned as a scale, it costs no
+        pass over the buffer.
         """
         if self.method == "easgd":
             center.add_(total, alpha=self.alpha)
-            diff.mul_(-self.alpha)
-            return
+            return -self.alpha
         if self.method == "average":
             total.div_(self.world_size)
         elif self.method == "mdownpour":
@@ -83,7 +84,8 @@ class ElasticRule:
             velocity.mul_(self.master_momentum).add_(total)
             total.add_(velocity, alpha=self.master_momentum)
         center.add_(total)  # `total` now holds the center's change
-        diff.neg_().add_(total)
+        torch.sub(total, diff, out=diff)
+        return 1.0
 
 
 #: Buffers (BatchNorm statistics and the like) are averaged, whatever the method.

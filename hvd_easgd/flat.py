@@ -44,9 +44,15 @@ class FlatGroup:
         torch._foreach_copy_(list(flat_views), self.tensors)
 
     @torch.no_grad()
-    def scatter_add(self, flat_views: Sequence[torch.Tensor]) -> None:
-        """Add the flat buffer behind ``flat_views`` to the live tensors."""
-        torch._foreach_add_(self.tensors, list(flat_views))
+    def scatter_add(self, flat_views: Sequence[torch.Tensor], alpha: float = 1.0,
+                    buffer_alpha: float = 1.0) -> None:
+        """Add the flat buffer behind ``flat_views`` to the live tensors: ``alpha`` times it to
+        the parameters, ``buffer_alpha`` times it to the buffers."""
+        k = self.num_params
+        if k:
+            torch._foreach_add_(self.tensors[:k], list(flat_views[:k]), alpha=alpha)
+        if k < len(self.tensors):
+            torch._foreach_add_(self.tensors[k:], list(flat_views[k:]), alpha=buffer_alpha)
 
     @torch.no_grad()
     def scatter_copy(self, flat_views: Sequence[torch.Tensor]) -> None:

@@ -82,7 +82,35 @@ def read_rank_results(out_dir: Path, np: int) -> List[dict]:
 
 def write_rank_result(out_dir: str, rank: int, result: dict) -> None:
     """For worker scripts: write this rank's result atomically."""
-    path = Path(out_dir) / f"rank{rank}.json"
-    tmp = path.with_suffix(".tmp")
+    write_json_atomic(Path(out_dir) / f"rank{rank}.json", result)
+
+
+def write_json_atomic(path: Path, result: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, path)
+
+
+def horovodrun_elastic(
+    command: Sequence[str],
+    hosts: Sequence[str],
+    hosts_file: Path,
+    np: int,
+    min_np: int,
+    max_np: int,
+    timeout: float = 300,
+    env: Optional[Dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
+    """Run an elastic `horovodrun` whose discovery script (launch/discover_hosts.sh) reads
+    `hosts_file`, which starts with `hosts` (e.g. ["localhost:1", "127.0.0.1:1"]: Horovod
+    treats the two names as two hosts). Returns the finished process (no check)."""
+    Path(hosts_file).write_text("".join(f"{h}\n" for h in hosts))
+    cmd = [
+        HOROVODRUN, "-np", str(np), "--min-np", str(min_np), "--max-np", str(max_np),
+        "--host-discovery-script", str(REPO / "launch" / "discover_hosts.sh"),
+        "--start-timeout", str(START_TIMEOUT), "--elastic-timeout", "60",
+        "--network-interface", "lo", *command,
+    ]
+    extra = {"HOSTS_FILE": str(hosts_file), **(env or {})}
+    return subprocess.run(cmd, cwd=str(REPO), env=worker_env(extra), capture_output=True,
+                          text=True, timeout=timeout)

@@ -257,7 +257,7 @@ def test_state_dict_round_trip(sync_job, item):
 @pytest.mark.timeout(200)
 def test_mismatched_models_fail_on_every_rank(tmp_path):
     results = run_workers("opt_mismatch.py", tmp_path, np=2,
-                          args=["--what", "extra,shape,dtype,same"], timeout=150,
+                          args=["--what", "extra,shape,dtype,tau,beta,method,mode,same"], timeout=150,
                           env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "30"})
     first = {"extra": "extra", "shape": "0.weight", "dtype": "2.bias"}
     for r, res in enumerate(results):
@@ -268,6 +268,14 @@ def test_mismatched_models_fail_on_every_rank(tmp_path):
         assert res["results"]["same"] == {"raised": False}
     # "shape" names the first mismatch, not a later one
     assert "2.weight" not in results[0]["results"]["shape"]["message"]
+    # settings that differ across workers name the setting, both values and the odd rank
+    for variant, values in {"tau": ("tau=2", "tau=3"), "beta": ("beta=0.9", "beta=0.5"),
+                            "method": ("'easgd'", "'average'"), "mode": ("'sync'", "'async'")}.items():
+        for r, res in enumerate(results):
+            got = res["results"][variant]
+            assert got["raised"], f"rank {r}: a different {variant} did not raise"
+            assert "settings differ" in got["message"] and "rank(s) [1]" in got["message"], got
+            assert all(v in got["message"] for v in values), (variant, got["message"])
 
 
 # -------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Rank 1 (only) builds a different model for each variant in `--what` (comma separ
 - "extra": an extra parameter at the end,
 - "shape": `0.weight` with another shape,
 - "dtype": `2.bias` in float64,
+- "tau", "beta", "method", "mode": rank 1 wraps with another EASGD setting,
 - "same": no difference (construction must succeed: the check is not over-eager).
 Each rank writes, per variant, whether construction raised and the message.
 """
@@ -35,8 +36,12 @@ def main():
     for variant in args.what.split(","):
         model = Net(variant, rank)
         base = torch.optim.SGD(model.parameters(), lr=0.1)
+        settings = {"tau": 2, "beta": 0.9, "method": "easgd", "mode": "sync"}
+        if rank == 1 and variant in settings:
+            settings[variant] = {"tau": 3, "beta": 0.5, "method": "average", "mode": "async"}[variant]
         try:
-            opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(), tau=2)
+            opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(),
+                                             **settings)
             results[variant] = {"raised": False}
             opt.close()
         except Exception as exc:  # noqa: BLE001

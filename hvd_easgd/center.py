@@ -1,0 +1,289 @@
+"""What EASGD keeps besides the model, and how it is saved, restored and committed.
+
+:class:`CenterState` owns the flat buffers of one :class:`~hvd_easgd.ElasticOptimizer`: this
+worker's replica of the center, MDOWNPOUR's master velocity, ADOWNPOUR/MVADOWNPOUR's averaged
+center, and the round buffers that go on the wire. The first group's round buffer carries a
+*header* after the model's values: one slot per worker, where each worker writes whether its own
+contribution is non-finite, so the round's single allreduce also tells every worker who sent
+NaN/inf (see :meth:`CenterState.seal`).
+
+:func:`pack_state_dict` / :func:`unpack_state_dict` put the center into the local optimizer's
+``state_dict`` (per parameter, like timm's Lookahead keeps its slow weights) so checkpoints and
+``hvd.broadcast_optimizer_state`` carry it. :class:`Commit` is an in-memory copy of everything a
+Horovod Elastic ``commit()`` must be able to roll back to.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from hvd_easgd.flat import FlatGroup
+
+STATE_VERSION = 1
+Views = List[List[torch.Tensor]]
+
+
+@dataclass
+class Counters:
+    """The optimizer's loop state: what a commit, a checkpoint and a resync carry."""
+
+    step: int = 0  # calls of step()
+    round: int = 0  # rounds started
+    bad_streak: int = 0  # consecutive rounds skipped for non-finite contributions
+
+
+class CenterState:
+    """The center (and its velocity / average) plus the round buffers, as flat tensors."""
+
+    def __init__(self, groups: List[FlatGroup], *, velocity: bool, average: bool,
+                 slots: int) -> None:
+        self.groups = groups
+        self.where = {
+            id(t): (gi, ti) for gi, g in enumerate(groups) for ti, t in enumerate(g.tensors)
+        }
+        self.centers = [g.new_buffer() for g in groups]
+        self.velocity = [torch.zeros_like(c) for c in self.centers] if velocity else None
+        self.averages = [torch.empty_like(c) for c in self.centers] if average else None
+        self.center_views = self.views_of(self.centers)
+        self.velocity_views = self.views_of(self.velocity)
+        self.average_views = self.views_of(self.averages)
+        self.slots = slots
+        self.header = 0
+        self.rounds: List[List[torch.Tensor]] = []
+        self.round_views: List[Views] = []
+
+    def views_of(self, buffers: Optional[List[torch.Tensor]]) -> Optional[Views]:
+        """Per group, one view of each flat buffer per tensor (built once, reused)."""
+        if buffers is None:
+            return None
+        return [g.views(b) for g, b in zip(self.groups, buffers)]
+
+    # ------------------------------------------------------------------ round buffers
+
+    def set_header(self, world_size: int) -> None:
+        """(Re)allocate the round buffers with one header slot per worker."""
+        self.header = world_size
+        self.rounds, self.round_views = [], []
+        for _ in range(self.slots):
+            bufs = [
+                torch.zeros(g.numel + (world_size if gi == 0 else 0), dtype=g.dtype,
+                            device=g.device)
+                for gi, g in enumerate(self.groups)
+            ]
+            self.rounds.append(bufs)
+            self.round_views.append([g.views(b[:g.numel]) for g, b in zip(self.groups, bufs)])
+
+    def snapshot(self, slot: int) -> None:
+        """Copy the live parameters (and buffers) into round buffer ``slot``."""
+        for g, views in zip(self.groups, self.round_views[slot]):
+            g.gather(views)
+
+    @torch.no_grad()
+    def seal(self, slot: int, rank: int) -> None:
+        """Turn the snapshot into ``d = snapshot - center`` and mark the header.
+
+        Slot ``rank`` of the header gets 1 when this worker's ``d`` holds a NaN or an inf
+        (one summing pass, on the device: no host synchronisation), else 0.
+        """
+        bad = None
+        for g, buf, center in zip(self.groups, self.rounds[slot], self.centers):
+            values = buf[:g.numel]
+            values.sub_(center)
+            flag = torch.isfinite(values.sum()).logical_not()
+            bad = flag if bad is None else bad.logical_or(flag.to(bad.device))
+        header = self.rounds[slot][0][self.groups[0].numel:]
+        header.zero_()
+        header[rank] = bad
+
+    def bad_ranks(self, totals: Sequence[torch.Tensor], check_totals: bool) -> List[int]:
+        """Ranks whose contribution to this round was not finite (from the summed header).
+
+        With ``check_totals`` (a lossy wire format such as fp16), a round whose contributions
+        were all finite but whose sum is not (an overflow on the wire) gives ``[-1]``.
+        """
+        header = totals[0][self.groups[0].numel:self.groups[0].numel + self.header]
+        bad = [int(r) for r in torch.nonzero(header).flatten().tolist()]
+        if not bad and check_totals:
+            for g, total in zip(self.groups, totals):
+                if not bool(torch.isfinite(total[:g.numel].sum())):
+                    return [-1]
+        return bad
+
+    # ------------------------------------------------------------------ center <-> live
+
+    @torch.no_grad()
+    def reset_from_live(self) -> None:
+        """Start the center (and its average) at the live tensors, the velocity at zero."""
+        for g, views in zip(self.groups, self.center_views):
+            g.gather(views)
+        if self.averages is not None:
+            for average, center in zip(self.averages, self.centers):
+                average.copy_(center)
+        if self.velocity is not None:
+            for velocity in self.velocity:
+                velocity.zero_()
+
+    @torch.no_grad()
+    def live_from_center(self) -> None:
+        """Put every live parameter and averaged buffer at the center."""
+        for g, views in zip(self.groups, self.center_views):
+            g.scatter_copy(views)
+
+    def tensors(self) -> List[torch.Tensor]:
+        """Every flat buffer that workers must agree on (center, velocity, average)."""
+        return self.centers + (self.velocity or []) + (self.averages or [])
+
+    def named_views(self, views: Views) -> Dict[str, torch.Tensor]:
+        return {
+            name: view
+            for group, group_views in zip(self.groups, views)
+            for name, view in zip(group.names, group_views)
+        }
+
+
+# ---------------------------------------------------------------------- commits
+
+
+@dataclass
+class Commit:
+    """An in-memory copy of one worker's complete EASGD state (Horovod Elastic's ``save``)."""
+
+    live: List[torch.Tensor]
+    tensors: List[torch.Tensor]
+    local_state: Dict[str, Any]
+    counters: Counters
+
+
+@torch.no_grad()
+def take_commit(state: CenterState, local: torch.optim.Optimizer, counters: Counters,
+                reuse: Optional[Commit] = None) -> Commit:
+    """Copy everything a rollback needs; into ``reuse``'s buffers when it has the same layout
+    (no allocation: a commit is then a few memcpy passes)."""
+    if reuse is None:
+        live = [g.new_buffer() for g in state.groups]
+        tensors = [torch.empty_like(t) for t in state.tensors()]
+        local_state = copy.deepcopy(local.state_dict())
+    else:
+        live, tensors = reuse.live, reuse.tensors
+        local_state = copy_into(reuse.local_state, local.state_dict())
+    for g, flat in zip(state.groups, live):
+        g.gather(g.views(flat))
+    torch._foreach_copy_(tensors, state.tensors())
+    return Commit(live=live, tensors=tensors, local_state=local_state, counters=replace(counters))
+
+
+def copy_into(saved: Any, current: Any) -> Any:
+    """``current`` copied into ``saved``'s tensors where the structure and shapes agree,
+    deep-copied where they do not (a state entry that appeared since)."""
+    if isinstance(current, torch.Tensor):
+        if (isinstance(saved, torch.Tensor) and saved.shape == current.shape
+                and saved.dtype == current.dtype and saved.device == current.device):
+            return saved.copy_(current)
+        return current.detach().clone()
+    if isinstance(current, dict):
+        saved = saved if isinstance(saved, dict) else {}
+        return {k: copy_into(saved.get(k), v) for k, v in current.items()}
+    if isinstance(current, (list, tuple)):
+        saved = saved if isinstance(saved, (list, tuple)) and len(saved) == len(current) else [None] * len(current)
+        return type(current)(copy_into(a, b) for a, b in zip(saved, current))
+    return copy.deepcopy(current)
+
+
+@torch.no_grad()
+def restore_commit(state: CenterState, local: torch.optim.Optimizer, commit: Commit,
+                   *, live: bool = True) -> Counters:
+    """Copy a commit back; return its counters. ``live=False`` leaves the model alone."""
+    if live:
+        for g, flat in zip(state.groups, commit.live):
+            g.scatter_copy(g.views(flat))
+    for mine, saved in zip(state.tensors(), commit.tensors):
+        mine.copy_(saved)
+    # A deep copy: torch's load_state_dict may keep the very tensors it is given, and the
+    # commit must survive the steps that follow (a second failure restores it again).
+    local.load_state_dict(copy.deepcopy(commit.local_state))
+    return replace(commit.counters)
+
+
+# ---------------------------------------------------------------------- state dicts
+
+
+def pack_state_dict(sd: Dict[str, Any], state: CenterState, params: List[torch.Tensor],
+                    counters: Counters, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Add the center and the counters to a local optimizer's state dict ``sd`` (in place).
+
+    Each parameter's entry gains ``easgd_center`` (and ``easgd_center_average`` /
+    ``easgd_velocity`` when used); a top-level ``easgd`` entry holds the counters, the settings
+    and the center of the averaged buffers.
+    """
+    entries = {index: dict(entry) for index, entry in sd["state"].items()}
+    extras = {"easgd_center": state.center_views}
+    if state.average_views is not None:
+        extras["easgd_center_average"] = state.average_views
+    if state.velocity_views is not None:
+        extras["easgd_velocity"] = state.velocity_views
+    for index, param in enumerate(params):
+        gi, ti = state.where[id(param)]
+        entry = entries.setdefault(index, {})
+        for key, views in extras.items():
+            entry[key] = views[gi][ti].clone()
+    buffers: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, views in extras.items():
+        for group, group_views in zip(state.groups, views):
+            k = group.num_params
+            for name, view in zip(group.names[k:], group_views[k:]):
+                buffers.setdefault(key, {})[name] = view.clone()
+    sd["state"] = entries
+    sd["easgd"] = {"version": STATE_VERSION, "step": counters.step, "round": counters.round,
+                   **settings, "buffers": buffers}
+    return sd
+
+
+def split_state_dict(state_dict: Dict[str, Any]):
+    """``(local optimizer's state dict, per-parameter EASGD entries, the easgd header)``."""
+    state_dict = dict(state_dict)
+    easgd = state_dict.pop("easgd", None)
+    base_state, ours = {}, {}
+    for index, entry in state_dict["state"].items():
+        entry = dict(entry)
+        mine = {k: entry.pop(k) for k in list(entry) if str(k).startswith("easgd_")}
+        if entry:
+            base_state[index] = entry
+        if mine:
+            ours[index] = mine
+    return {**state_dict, "state": base_state}, ours, easgd
+
+
+@torch.no_grad()
+def unpack_state_dict(state: CenterState, params: List[torch.Tensor],
+                      ours: Dict[int, Dict[str, torch.Tensor]], easgd: Dict[str, Any]) -> Counters:
+    """Load the center (and velocity / average) saved by :func:`pack_state_dict`."""
+    for index, param in enumerate(params):
+        gi, ti = state.where[id(param)]
+        saved = ours[index]
+        state.center_views[gi][ti].copy_(saved["easgd_center"])
+        if state.average_views is not None:
+            state.average_views[gi][ti].copy_(
+                saved.get("easgd_center_average", saved["easgd_center"]))
+        if state.velocity_views is not None and "easgd_velocity" in saved:
+            state.velocity_views[gi][ti].copy_(saved["easgd_velocity"])
+    _unpack_buffers(state, easgd.get("buffers", {}))
+    return Counters(step=int(easgd["step"]), round=int(easgd["round"]))
+
+
+def _unpack_buffers(state: CenterState, saved: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    for gi, group in enumerate(state.groups):
+        for ti in range(group.num_params, len(group.tensors)):
+            name = group.names[ti]
+            center = saved.get("easgd_center", {}).get(name)
+            if center is None:
+                warnings.warn(f"no saved center for buffer {name!r}; using its current value")
+                center = group.tensors[ti]
+            state.center_views[gi][ti].copy_(center)
+            if state.average_views is not None:
+                average = saved.get("easgd_center_average", {}).get(name, center)
+                state.average_views[gi][ti].copy_(average)

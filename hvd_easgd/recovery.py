@@ -1,0 +1,215 @@
+"""Faults: Horovod Elastic membership changes and non-finite workers, with the center intact.
+
+**Horovod Elastic.** Importing :mod:`hvd_easgd` registers :class:`ElasticOptimizerStateHandler`
+with ``hvd.elastic.TorchState``, so Horovod's own elastic scripts work unchanged apart from the
+one-line optimizer swap::
+
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, epoch=0, batch=0)
+    train(state)   # decorated with @hvd.elastic.run; calls state.commit() now and then
+
+What each of Horovod's events does to the optimizer:
+
+- ``state.commit()`` (``save``): copies the live parameters, the center (and velocity/average),
+  the local optimizer's state and the step/round counters into host memory (:class:`Commit`).
+  A round on the wire is not waited for: the commit is the state before it.
+- a lost worker (``HorovodInternalError``, then ``restore``): the round in flight is abandoned
+  on every worker (its thread stops at its next poll and nothing joins it), and everything in
+  the last commit comes back together.
+- after every reset (``sync``, a collective): alpha, the flag header and every rule follow the
+  new ``hvd.size()``; one allgather checks that all workers run the same model and settings and
+  finds the survivors; the lowest-ranked survivor broadcasts its committed center and counters,
+  so the replicas are bit-identical again. A survivor keeps its own committed parameters and
+  local optimizer state; a worker that joins starts from the center with fresh optimizer state.
+- hosts removed without a failure (Horovod skips the sync): the next round sees the new size,
+  drops the round in flight (every worker committed at the same step, so all drop the same
+  one) and re-derives alpha; the centers were identical already.
+
+Under an elastic launch (``HOROVOD_ELASTIC=1``) the constructor makes no collective call (a
+joining worker would deadlock against the others' sync); the first sync does the consistency
+check and the broadcast, and ``step()`` before it raises.
+
+What a commit costs: a copy of the parameters (and averaged buffers), of the center and of the
+velocity or average when kept, and a deep copy of the local optimizer's state: about 3x the
+parameter bytes for EASGD with momentum, on top of Horovod's own copy of the model. Commit every
+few dozen steps, not every step, when the model is large.
+
+**Non-finite workers.** Every round's single allreduce also carries one slot per worker, where
+each writes whether its own contribution is NaN/inf (:meth:`CenterState.seal`). If any is, no
+worker applies the round (the center keeps its last finite value), the bad workers restart from
+the center with fresh local optimizer state, rank 0 and the bad ranks warn, naming them, and
+``opt.stats.skipped_rounds`` counts it. After ``nonfinite_patience`` such rounds in a row every
+worker raises :class:`NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING, List, Optional
+
+import horovod.torch as hvd
+
+from hvd_easgd.center import Commit, Counters, restore_commit, take_commit
+from hvd_easgd.checks import check_signatures
+
+if TYPE_CHECKING:
+    from hvd_easgd.optimizer import ElasticOptimizer
+
+NOT_SYNCED = (
+    "this job was started by an elastic horovodrun (HOROVOD_ELASTIC=1) and the optimizer has "
+    "not been synced yet: train inside a function decorated with @hvd.elastic.run and pass "
+    "hvd.elastic.TorchState(model=model, optimizer=optimizer, ...) to it; its first sync "
+    "broadcasts the center and starts every worker from it"
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Some worker kept sending NaN/inf parameters: training has diverged there."""
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A round was skipped because some worker's contribution was NaN/inf."""
+
+
+def elastic_launch() -> bool:
+    """Whether this process was started by an elastic ``horovodrun`` (``--min-np`` etc.)."""
+    return os.environ.get("HOROVOD_ELASTIC", "0") == "1"
+
+
+def check_everyone(opt: "ElasticOptimizer") -> None:
+    """Raise on every worker if the workers' models or EASGD settings differ."""
+    check_signatures(hvd.allgather_object(opt.signature(), name=f"{opt.communicator.name}.check"))
+
+
+# ---------------------------------------------------------------------- non-finite rounds
+
+
+def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
+    """Apply nothing of this round; restart the bad workers; raise past the patience.
+
+    ``bad`` lists the ranks whose contribution was not finite, or is ``[-1]`` when every
+    contribution was finite but their sum was not (an overflow of a lossy wire format).
+    Returns whether this worker restarted from the center.
+    """
+    opt.stats.skipped_rounds += 1
+    opt.counters.bad_streak += 1
+    rank = opt.world[1]
+    overflow = bad == [-1]
+    ranks = f"rank(s) {', '.join(map(str, bad))}"
+    who = "the sum on the wire" if overflow else f"the contribution of {ranks}"
+    restarted = rank in bad
+    if restarted:
+        opt.buffers.live_from_center()
+        opt.optimizer.state.clear()
+    streak, patience = opt.counters.bad_streak, opt.nonfinite_patience
+    if rank == 0 or restarted:
+        after = "" if overflow else f"; {ranks} restart from the center with fresh optimizer state"
+        warnings.warn(
+            f"EASGD round {opt.counters.round} (step {opt.counters.step}): {who} was not "
+            f"finite (NaN or inf). No worker applied the round, the center keeps its last finite "
+            f"value{after}. Bad rounds in a row: {streak} of {patience}.",
+            NonFiniteWarning, stacklevel=4,
+        )
+    if streak >= patience:
+        fix = ("use compression=hvd.Compression.none (fp16 overflows above 65504) or lower the "
+               "learning rate" if overflow else
+               "lower the learning rate (or add warm-up or gradient clipping) and check those "
+               "workers' data for NaN/inf inputs or labels")
+        error = NonFiniteError(
+            f"EASGD stopped at step {opt.counters.step}: "
+            f"{'the sum on the wire was' if overflow else ranks + ' sent'} non-finite values in "
+            f"{streak} consecutive rounds, even after restarting from the center "
+            f"(nonfinite_patience={patience}). Training diverges there: {fix}."
+        )
+        opt._error = error
+        raise error
+    return restarted
+
+
+# ---------------------------------------------------------------------- Horovod Elastic
+
+
+def follow_world(opt: "ElasticOptimizer") -> None:
+    """Notice a reset that Horovod did not sync (hosts only removed): re-derive alpha & co."""
+    if (hvd.size(), hvd.rank()) != opt.world:
+        opt._drop_round_in_flight()
+        opt._configure_world()
+        opt.stats.resets += 1
+
+
+def sync_workers(opt: "ElasticOptimizer", commit: Optional[Commit]) -> None:
+    """Bring every worker to one agreed state after ``hvd.elastic`` (re)started the job.
+
+    Collective: every worker calls it (from ``TorchState.sync``). ``commit`` is this worker's
+    last commit; a worker that has trained in this job before (a survivor) returns to it.
+    """
+    opt._drop_round_in_flight()
+    opt._configure_world()
+    opt._error = None
+    survivor = opt.synced
+    mine = (survivor, opt.signature() if opt.check_consistency else None)
+    everyone = hvd.allgather_object(mine, name=f"{opt.communicator.name}.sync.who")
+    if opt.check_consistency:
+        check_signatures([sig for _, sig in everyone])
+    root = next((r for r, (alive, _) in enumerate(everyone) if alive), 0)
+    for index, tensor in enumerate(opt.buffers.tensors()):
+        hvd.broadcast_(tensor, root_rank=root, name=f"{opt.communicator.name}.sync.{index}")
+    step, rounds = hvd.broadcast_object(
+        (opt.counters.step, opt.counters.round), root_rank=root,
+        name=f"{opt.communicator.name}.sync.counters",
+    )
+    if survivor and commit is not None:
+        # Horovod's model handler has just broadcast rank 0's *local* parameters; an EASGD
+        # worker keeps its own.
+        for group, flat in zip(opt.buffers.groups, commit.live):
+            group.scatter_copy(group.views(flat))
+        opt.stats.resets += 1
+    else:
+        opt.buffers.live_from_center()
+        opt.optimizer.state.clear()
+    opt.counters = Counters(step=int(step), round=int(rounds))
+    opt.synced = True
+
+
+def _handler_class():
+    from horovod.torch.elastic.state import StateHandler
+
+    class ElasticOptimizerStateHandler(StateHandler):
+        """``hvd.elastic.TorchState``'s handler for an :class:`ElasticOptimizer`.
+
+        Replaces Horovod's ``OptimizerStateHandler``, whose ``sync`` would broadcast rank 0's
+        *local* optimizer state to everyone and whose commit would wait for the round in flight.
+        """
+
+        def __init__(self, optimizer: "ElasticOptimizer") -> None:
+            super().__init__(optimizer)
+            self._saved: Optional[Commit] = None
+            self.save()
+
+        def save(self) -> None:
+            opt = self.value
+            self._saved = take_commit(opt.buffers, opt.optimizer, opt.counters, reuse=self._saved)
+
+        def restore(self) -> None:
+            opt = self.value
+            opt._drop_round_in_flight()
+            opt._error = None
+            assert self._saved is not None
+            opt.counters = restore_commit(opt.buffers, opt.optimizer, self._saved)
+            opt._link()
+
+        def sync(self) -> None:
+            sync_workers(self.value, self._saved)
+            self.save()
+
+    return ElasticOptimizerStateHandler
+
+
+def register_state_handler(optimizer_class: type) -> None:
+    """Make ``hvd.elastic.TorchState`` handle ``optimizer_class`` with our handler (idempotent)."""
+    from horovod.torch.elastic import state as hvd_state
+
+    registry = list(hvd_state.get_handler_registry())
+    if any(kind is optimizer_class for kind, _ in registry):
+        return
+    hvd_state.set_handler_registry([(optimizer_class, _handler_class())] + registry)
