@@ -90,6 +90,7 @@ class OptimizerConfig:
     moving_rate: float = 0.001  # mvadownpour: rate of the moving average of the center
     compression: str = "none"  # none | fp16 (communication only; the center stays fp32)
     average_buffers: bool = True  # average floating-point buffers (BatchNorm statistics) each round
+    nonfinite_patience: int = 3  # consecutive rounds (optimizer) / steps (training loss) with NaN/inf before stopping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -105,6 +106,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     eval_local: bool = True  # also evaluate each worker's local model (averaged over workers)
     max_eval_batches: Optional[int] = None  # cap per worker, for smoke tests
+    divergence_factor: float = 10.0  # stop when train/loss > this x ln(classes) (chance) for nonfinite_patience log events; 0: never
 
 
 @dataclass
@@ -120,6 +122,14 @@ class CheckpointConfig:
     keep: int = 2  # newest checkpoints kept in the run directory
     at_end: bool = True
     export_center: bool = True  # write center.pt (a plain state_dict) at the end
+
+
+@dataclass
+class ElasticConfig:
+    enabled: bool = False  # train under hvd.elastic.run (launch with launch/run_elastic.sh)
+    commit_every: int = 20  # steps between in-memory commits (what a lost worker rolls back to)
+    min_np: Optional[int] = None  # fewest workers to keep training with (run_elastic.sh: --min-np)
+    max_np: Optional[int] = None  # most workers to grow to (run_elastic.sh: --max-np)
 
 
 @dataclass
@@ -139,6 +149,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +344,9 @@ _NUMBER_RULES = {
     "train.batch_size": "> 0", "train.eval_batch_size": "> 0", "train.epochs": "> 0",
     "train.max_steps": "> 0 or null", "train.eval_every": ">= 0", "train.max_eval_batches": "> 0 or null",
     "log.every": "> 0", "checkpoint.every": ">= 0", "checkpoint.keep": "> 0", "launch.np": "> 0 or null",
+    "optimizer.nonfinite_patience": "> 0", "elastic.commit_every": "> 0",
+    "train.divergence_factor": ">= 0",
+    "elastic.min_np": "> 0 or null", "elastic.max_np": "> 0 or null",
 }
 
 
@@ -382,6 +396,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'optimizer.schedule.warmup_start_factor' must lie in (0, 1]")
     if list(cfg.optimizer.schedule.milestones) != sorted(cfg.optimizer.schedule.milestones):
         raise ConfigError("'optimizer.schedule.milestones' must be increasing (epochs)")
+    lo, hi = cfg.elastic.min_np, cfg.elastic.max_np
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"'elastic.min_np' ({lo}) must be <= 'elastic.max_np' ({hi})")
     if cfg.data.name == "fake" and len(cfg.data.fake_image_shape) != 3:
         raise ConfigError(
             f"'data.fake_image_shape' must be [channels, height, width], got {list(cfg.data.fake_image_shape)}"

@@ -71,7 +71,8 @@ from hvd_easgd.config import (
     SINGLE_WORKER_METHODS, ConfigError, DictConfig, config_from_dict, diff_configs, load_config,
     save_config, to_dict,
 )
-from hvd_easgd.metrics import MetricsLogger, Progress, Stopwatch, allreduce_sum
+from hvd_easgd.metrics import allreduce_sum
+from hvd_easgd.trainer import TrainingStopped  # noqa: F401 - part of this module's API
 
 #: optimizer.method -> (wrapper method, local optimizer has Nesterov momentum, center average)
 ELASTIC = {
@@ -83,10 +84,6 @@ ELASTIC = {
     "adownpour": ("downpour", False, "running"),
     "mvadownpour": ("downpour", False, "moving"),
 }
-
-
-class TrainingStopped(Exception):
-    """Raised by `run(..., stop_at_step=N)` after step N (a simulated preemption, for tests)."""
 
 
 def _log(msg: str, rank: int) -> None:
@@ -175,7 +172,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
     wrapper_method, nesterov, center_average = ELASTIC[method]
     kwargs: Dict[str, Any] = dict(
         named_parameters=model.named_parameters(), tau=int(o.tau), method=wrapper_method,
-        mode=o.mode, compression=compression,
+        mode=o.mode, compression=compression, nonfinite_patience=int(o.nonfinite_patience),
     )
     if o.alpha is not None:
         kwargs.update(alpha=float(o.alpha), beta=None)
@@ -340,6 +337,38 @@ def _load_everywhere(path: Path, fingerprint: list, payload: Optional[dict], ran
     return payload
 
 
+def build_bundle(cfg: DictConfig):
+    """The datasets of `cfg.data` (checked: a missing path is a clear error)."""
+    from hvd_easgd.data import build_datasets
+
+    d = cfg.data
+    return build_datasets(
+        d.name, root=d.root, download=d.download, image_size=d.image_size,
+        fake_train_size=d.fake_train_size, fake_test_size=d.fake_test_size,
+        fake_image_shape=tuple(d.fake_image_shape), fake_num_classes=d.fake_num_classes,
+    )
+
+
+def build_model_and_optimizer(cfg: DictConfig, bundle, device: torch.device, size: int, rank: int,
+                              resume_state: Optional[dict]):
+    """(model, optimizer, kind): the same initial weights everywhere (seeded; the elastic
+    optimizer also broadcasts rank 0's). Resuming with another number of workers starts every
+    worker from the checkpoint's center."""
+    from hvd_easgd.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    in_channels, image_size = bundle.input_shape[0], bundle.input_shape[-1]
+    model = build_model(cfg.model.name, bundle.num_classes, in_channels=in_channels,
+                        image_size=image_size, dropout=cfg.model.dropout).to(device)
+    if resume_state is not None and int(resume_state["world_size"]) != size:
+        _warn(f"resuming a run of {resume_state['world_size']} workers with {size}: every worker "
+              f"restarts from the center with a fresh local optimizer (local models, optimizer "
+              f"state and RNG streams of the old workers are dropped)", rank)
+        model.load_state_dict(resume_state["center"])
+    opt, kind = build_optimizer(cfg, model, size, rank)
+    return model, opt, kind
+
+
 def run(
     cfg: Union[DictConfig, dict, str, os.PathLike],
     *,
@@ -353,298 +382,49 @@ def run(
     `resume`: continue from the newest readable checkpoint in the run directory (a warning and a
     fresh start if there is none). Without it, a run directory that already holds checkpoints is an
     error. `stop_at_step` stops after that step without the final evaluation/checkpoint (raises
-    `TrainingStopped`): a simulated preemption for tests.
+    `TrainingStopped`): a simulated preemption for tests. `on_step(step)` is called after every
+    step (tests use it to inject faults).
     """
     import horovod.torch as hvd
 
-    from hvd_easgd.data import build_datasets, eval_loader, train_loader
-    from hvd_easgd.models import build_model
+    from hvd_easgd.trainer import Trainer
+
+    from hvd_easgd.tuning import apply_horovod_settings
 
     cfg = _coerce_config(cfg)
     if not hvd.is_initialized():
+        apply_horovod_settings()  # Horovod reads them in init(); yours are kept
         hvd.init()
-    rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
-    o, t = cfg.optimizer, cfg.train
-    method = o.method
-    solo = method in SINGLE_WORKER_METHODS
+    rank, size = hvd.rank(), hvd.size()
     name = cfg.name or "run"
     if run_dir is None and not cfg.run_dir:
         run_dir = _fresh_default_run_dir(Path("runs") / name, resume, rank)
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
     cfg.run_dir = str(run_dir)
-
-    if cfg.launch.np is not None and cfg.launch.np != size:
-        _warn(f"the recipe was written for launch.np={cfg.launch.np} workers but hvd.size()={size}: "
-              f"alpha = beta/p and the results differ from the recipe's intent", rank)
-    if solo and size > 1:
-        _warn(f"optimizer.method={method} is a single-worker method: each of the {size} workers "
-              f"trains alone on the whole training set and only rank 0 reports; run it with -np 1", rank)
-    if t.threads > 0:
-        torch.set_num_threads(int(t.threads))
-    device = _device(cfg, local_rank)
-
-    # ---- resume decision (before anything is written) -------------------------------------
+    _check_world(cfg, size, rank)
     state = _find_resume(run_dir, resume, rank)
     if state is not None:
         old = config_from_dict(state["config"], source=f"config in checkpoint {state['step']}")
         changed = [k for k in diff_configs(old, cfg) if k not in ("run_dir",)]
         if changed:
             _warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}", rank)
-
-    # ---- data -----------------------------------------------------------------------------
-    d = cfg.data
-    bundle = build_datasets(
-        d.name, root=d.root, download=d.download, image_size=d.image_size,
-        fake_train_size=d.fake_train_size, fake_test_size=d.fake_test_size,
-        fake_image_shape=tuple(d.fake_image_shape), fake_num_classes=d.fake_num_classes,
-    )
-    data_rank, data_world = (0, 1) if solo else (rank, size)
-    loader = train_loader(bundle.train, t.batch_size, rank=data_rank, world_size=data_world,
-                          seed=t.seed, num_workers=d.num_workers)
-    test_loader = eval_loader(bundle.test, t.eval_batch_size, rank=data_rank, world_size=data_world,
-                              num_workers=d.num_workers)
-    steps_per_epoch = len(loader)
-    shard = loader.sampler.num_samples  # this worker's samples per epoch
-    epoch_len = steps_per_epoch * t.batch_size  # of which it uses this many (whole batches)
-    total_steps = int(t.max_steps) if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
-    workers_in_step = 1 if solo else size  # samples of one step = batch * this
-
-    # ---- model and optimizer -----------------------------------------------------------------
-    torch.manual_seed(t.seed)
-    in_channels, image_size = bundle.input_shape[0], bundle.input_shape[-1]
-    model = build_model(cfg.model.name, bundle.num_classes, in_channels=in_channels,
-                        image_size=image_size, dropout=cfg.model.dropout).to(device)
-    same_world = state is not None and int(state["world_size"]) == size
-    if state is not None and not same_world:
-        _warn(f"resuming a run of {state['world_size']} workers with {size}: every worker restarts "
-              f"from the center with a fresh local optimizer (local models, optimizer state and RNG "
-              f"streams of the old workers are dropped)", rank)
-        model.load_state_dict(state["center"])
-    opt, kind = build_optimizer(cfg, model, size, rank)
-    eval_model = copy.deepcopy(model) if kind == "elastic" else None
-
-    step, epoch, epoch_samples, samples, wall0, origin = 0, 0, 0, 0, 0.0, None
-    stats_base: Dict[str, float] = {}
-    # training loss summed since the last log event (carried in checkpoints so logs resume exactly)
-    loss_carry: tuple = (torch.zeros((), dtype=torch.float64), 0)
-    if state is not None:
-        step = int(state["step"])
-        stats_base = {k: float(v) for k, v in state.get("comm_stats", {}).items()}
-        epoch, samples, wall0 = int(state["epoch"]), int(state["samples"]), float(state["wall_time"])
-        origin = state.get("origin")
-        if same_world:
-            mine = state["workers"][rank]
-            model.load_state_dict(mine["model"])
-            opt.load_state_dict(mine["optimizer"])
-            ckpt.set_rng_state(mine["rng"])
-            epoch_samples = int(state["epoch_samples"])
-            loss_carry = (mine.get("loss_sum", loss_carry[0]), int(mine.get("loss_steps", 0)))
-        else:
-            # the same fraction of the epoch, in this world's shards, on a batch boundary
-            consumed = int(state["epoch_samples"])  # per worker; a solo worker sees the whole set
-            if not solo:
-                consumed = consumed * int(state["world_size"]) // size
-            epoch_samples = min(shard, consumed // t.batch_size * t.batch_size)
-            _seed_worker_rng(t.seed, rank, step)
-        _log(f"resumed from step {step} (epoch {epoch}, {epoch_samples} samples into it) in {run_dir}", rank)
-    else:
-        _seed_worker_rng(t.seed, rank, 0)
-    if epoch_samples + t.batch_size > shard:  # the saved position is the end of an epoch
-        epoch, epoch_samples = epoch + 1, 0
-    resumed = state is not None
+    trainer = Trainer(cfg, run_dir, state, stop_at_step=stop_at_step, on_step=on_step)
     state = None  # free the memory
+    o = cfg.optimizer
+    _log(f"{name}: method={o.method} mode={o.mode} tau={o.tau} workers={size} "
+         f"steps={trainer.total_steps} ({trainer.steps_per_epoch}/epoch) batch={cfg.train.batch_size}/worker "
+         f"device={trainer.device} run_dir={run_dir}", rank)
+    return trainer.run()
 
-    # ---- outputs (rank 0) -------------------------------------------------------------------------
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, active=rank == 0, tensorboard=cfg.log.tensorboard,
-                           resume_step=step if resumed else None, origin=origin)
-    progress = Progress(total_steps, initial=step, bar=rank == 0 and cfg.log.progress, echo=rank == 0, desc=name)
-    clock = Stopwatch(wall0)
-    summary: Dict[str, Any] = {}
-    last: Dict[str, Any] = {"step": step, "wall": clock(), "stats": _stats(opt, kind, stats_base)}
-    loss_acc, loss_n = loss_carry[0].to(device), loss_carry[1]  # summed on the device: no sync per step
 
-    def position() -> Dict[str, Any]:
-        return {"step": step, "epoch": epoch + epoch_samples / epoch_len, "wall_time": clock(),
-                "samples": samples}
-
-    def log_train() -> None:
-        nonlocal loss_acc, loss_n
-        clock.pause()  # the reduction below is logging, not training
-        dist = float(opt.local_distance()) if kind == "elastic" else 0.0
-        local = [float(loss_acc), float(loss_n), dist]
-        if solo:
-            total = local
-        else:
-            total = allreduce_sum(local, name="hvd_easgd.train.log")
-        stats = _stats(opt, kind, stats_base)
-        now = clock()
-        interval = max(1e-12, now - last["wall"])
-        metrics: Dict[str, Optional[float]] = {
-            "train/loss": total[0] / max(1.0, total[1]),
-            "lr": current_lr,
-            "samples_per_sec": (step - last["step"]) * t.batch_size * workers_in_step / interval,
-        }
-        if kind == "elastic":
-            rounds = stats.get("rounds", 0.0) - last["stats"].get("rounds", 0.0)
-            secs = stats.get("comm_seconds", 0.0) - last["stats"].get("comm_seconds", 0.0)
-            metrics["comm/seconds_per_round"] = secs / rounds if rounds > 0 else None
-            metrics["comm/wait_seconds"] = stats.get("wait_seconds")
-            metrics["comm/bytes"] = stats.get("bytes_communicated")
-            metrics["distance_to_center"] = total[2] / (1 if solo else size)
-        elif kind == "sync":
-            # hvd.DistributedOptimizer allreduces every gradient at every step; it exposes no timers.
-            metrics["comm/bytes"] = float(step * grad_bytes)
-        pos = position()
-        logger.log(pos["step"], pos["epoch"], pos["wall_time"], pos["samples"], metrics)
-        summary.update({k: v for k, v in metrics.items() if v is not None})
-        last.update(step=step, wall=now, stats=stats)
-        loss_acc, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0
-        progress.set_postfix(loss=metrics["train/loss"], lr=current_lr, samples_per_sec=metrics["samples_per_sec"])
-        clock.start()
-
-    def run_eval() -> None:
-        clock.pause()
-        metrics: Dict[str, float] = {}
-        if kind == "elastic":
-            center_state(averaged=True)  # loads the evaluated center into eval_model
-            c = evaluate(eval_model, test_loader, device, reduce=True, max_batches=t.max_eval_batches, name="center")
-            metrics.update({"center/test_error": c["test_error"], "center/test_loss": c["test_loss"]})
-            if t.eval_local:
-                lo = evaluate(model, test_loader, device, reduce=True, max_batches=t.max_eval_batches, name="local")
-                metrics.update({"local/test_error": lo["test_error"], "local/test_loss": lo["test_loss"]})
-        else:
-            c = evaluate(model, test_loader, device, reduce=not solo, max_batches=t.max_eval_batches, name="center")
-            metrics.update({"center/test_error": c["test_error"], "center/test_loss": c["test_loss"]})
-        pos = position()
-        logger.log(pos["step"], pos["epoch"], pos["wall_time"], pos["samples"], metrics)
-        summary.update(metrics)
-        progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        clock.start()
-
-    def center_state(averaged: bool) -> Dict[str, torch.Tensor]:
-        """The complete state_dict of the center, loaded into `eval_model` (never into the trained
-        model). averaged=True gives the evaluated/shipped model: the running or moving average of
-        the center for adownpour/mvadownpour. Buffers that are not averaged across workers
-        (BatchNorm statistics with optimizer.average_buffers false) come from this worker's model.
-        Non-elastic methods have no center: their model is returned."""
-        if kind != "elastic":
-            return model.state_dict()
-        opt.synchronize()
-        use_avg = averaged and ELASTIC[method][2] is not None
-        center = opt.averaged_center_state_dict() if use_avg else opt.center_state_dict()
-        eval_model.load_state_dict(model.state_dict())
-        eval_model.load_state_dict(center, strict=False)
-        return eval_model.state_dict()
-
-    def save() -> None:
-        clock.pause()
-        if kind == "elastic":
-            opt.synchronize()
-        mine = ckpt.to_cpu({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": ckpt.get_rng_state(),
-                            "loss_sum": loss_acc, "loss_steps": loss_n})
-        raw_center = ckpt.to_cpu(center_state(averaged=False))
-        shipped = ckpt.to_cpu(center_state(averaged=True)) if kind == "elastic" and ELASTIC[method][2] else raw_center
-        workers = [mine] if size == 1 else ckpt.gather_bytes(ckpt.serialize(mine), name="hvd_easgd.ckpt")
-        if rank == 0:
-            if size > 1:
-                workers = [ckpt.deserialize(w) for w in workers]
-            payload = {
-                "epoch": epoch, "epoch_samples": epoch_samples, "samples": samples, "wall_time": clock(),
-                "origin": logger.origin, "world_size": size, "method": method, "config": to_dict(cfg),
-                "center": raw_center, "center_model": shipped, "workers": workers,
-            }
-            if kind == "elastic":
-                payload["rounds"] = int(opt.round_count)
-                payload["comm_stats"] = _stats(opt, kind, stats_base)
-            path = ckpt.save_checkpoint(run_dir, step, payload, keep=cfg.checkpoint.keep)
-            progress.write(f"step {step}: checkpoint {path}")
-        clock.start()
-
-    grad_bytes = sum(p.numel() * (2 if o.compression == "fp16" else p.element_size())
-                     for p in model.parameters() if p.requires_grad)
-    current_lr = lr_at(cfg, max(1, step + 1), steps_per_epoch, total_steps)
-    if rank == 0:
-        _log(f"{name}: method={method} mode={o.mode} tau={o.tau} workers={size} "
-             f"steps={total_steps} ({steps_per_epoch}/epoch) batch={t.batch_size}/worker device={device} "
-             f"run_dir={run_dir}", rank)
-
-    criterion = nn.CrossEntropyLoss()
-    model.train()
-    stopped = False
-    try:
-        clock.start()
-        while step < total_steps and not stopped:
-            loader.sampler.set_epoch(epoch, start_index=epoch_samples)
-            # The DataLoader draws its base seed from this generator, not from the global RNG,
-            # so creating an iterator mid-epoch (on resume) leaves the training RNG stream alone.
-            loader.generator = torch.Generator().manual_seed(t.seed * 100_003 + epoch * 101 + rank)
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                current_lr = lr_at(cfg, step + 1, steps_per_epoch, total_steps)
-                _set_lr(opt, current_lr)
-                loss = criterion(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                epoch_samples += int(y.shape[0])
-                samples += int(y.shape[0]) * workers_in_step
-                loss_acc += loss.detach().to(torch.float64)
-                loss_n += 1
-                progress.update(1)
-                if on_step is not None:
-                    on_step(step)
-                final = step >= total_steps
-                if step % cfg.log.every == 0 or final:
-                    log_train()
-                if t.eval_every and step % t.eval_every == 0 and not final:
-                    run_eval()
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not final:
-                    save()
-                if stop_at_step is not None and step >= stop_at_step and not final:
-                    stopped = True
-                    break
-                if final:
-                    break
-            else:
-                epoch, epoch_samples = epoch + 1, 0
-                continue
-        clock.pause()
-        if stopped:
-            raise TrainingStopped(f"stopped after step {step} (stop_at_step)")
-        run_eval()
-        clock.pause()
-        if cfg.checkpoint.at_end:
-            save()
-            clock.pause()
-        center_path = None
-        if cfg.checkpoint.export_center:
-            state_dict = ckpt.to_cpu(center_state(averaged=True))
-            if rank == 0:
-                center_path = ckpt.export_state_dict(state_dict, run_dir / ckpt.CENTER_FILE)
-        hparams = {
-            "method": method, "mode": o.mode, "tau": int(o.tau), "workers": size, "lr": float(o.lr),
-            "beta": float(o.beta) if o.beta is not None else -1.0,
-            "alpha": float(o.alpha) if o.alpha is not None else -1.0, "momentum": float(o.momentum),
-            "batch_size": int(t.batch_size), "weight_decay": float(o.weight_decay),
-            "model": cfg.model.name, "data": d.name, "schedule": o.schedule.name,
-        }
-        logger.hparams(hparams, {k: summary.get(k) for k in ("center/test_error", "center/test_loss", "train/loss")})
-        summary.update(
-            run_dir=str(run_dir), step=step, epoch=epoch + epoch_samples / epoch_len, samples=samples,
-            wall_time=clock(), world_size=size, method=method, mode=o.mode,
-            center_path=str(center_path) if center_path is not None else None,
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        )
-        return summary
-    finally:
-        progress.close()
-        logger.close()
-        if kind == "elastic" and hasattr(opt, "close"):
-            opt.close()
+def _check_world(cfg: DictConfig, size: int, rank: int) -> None:
+    method = cfg.optimizer.method
+    if cfg.launch.np is not None and cfg.launch.np != size and not cfg.elastic.enabled:
+        _warn(f"the recipe was written for launch.np={cfg.launch.np} workers but hvd.size()={size}: "
+              f"alpha = beta/p and the results differ from the recipe's intent", rank)
+    if method in SINGLE_WORKER_METHODS and size > 1:
+        _warn(f"optimizer.method={method} is a single-worker method: each of the {size} workers "
+              f"trains alone on the whole training set and only rank 0 reports; run it with -np 1", rank)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -688,12 +468,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     import horovod.torch as hvd
 
+    from hvd_easgd.recovery import NonFiniteError
+
     try:
         summary = run(cfg, resume=args.resume, run_dir=args.run_dir)
     except ConfigError as e:  # raised on every rank alike: say it once
         if not hvd.is_initialized() or hvd.rank() == 0:
             print(f"hvd-easgd-train: config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # raised on every rank alike
+        # Every rank says it: horovodrun may stop rank 0 as soon as another rank has exited.
+        print(f"hvd-easgd-train: training stopped: {e}", file=sys.stderr, flush=True)
+        return 3
 
     if hvd.rank() == 0:
         keys = ("center/test_error", "center/test_loss", "train/loss", "step", "wall_time", "run_dir")

@@ -1,0 +1,124 @@
+"""Horovod runtime settings for EASGD jobs, applied before ``hvd.init()``.
+
+EASGD makes one allreduce every ``tau`` steps, so Horovod's background thread has almost
+nothing to do. By default it still wakes every millisecond (``HOROVOD_CYCLE_TIME=1``) and, at
+every wake-up, agrees with every other worker on what is ready: a small collective over the
+network (with Gloo: a TCP round trip per cycle per worker). That negotiation costs CPU and
+wake-ups on the cores that train, whether or not a round is pending, and a round gains nothing
+from it: a round waits at most one cycle before it starts, i.e. up to ``HOROVOD_CYCLE_TIME`` ms
+per ``tau`` steps (hidden entirely in async mode).
+
+Use::
+
+    import horovod.torch as hvd
+    from hvd_easgd.tuning import apply_horovod_settings
+
+    apply_horovod_settings()    # before hvd.init(); keeps every variable you set yourself
+    hvd.init()
+
+or export the variables yourself (``HOROVOD_CYCLE_TIME=20``, or ``horovodrun --cycle-time-ms 20``).
+``HVD_EASGD_TUNE=0`` in the environment turns :func:`apply_horovod_settings` into a no-op (for
+measuring Horovod's defaults, or when Horovod is shared with other collectives that need short
+cycles). The launchers in ``launch/`` export the same defaults; ``hvd-easgd-train`` applies them.
+
+Every setting, why, and what it measured (2 workers of one thread, Gloo, 2 CPU cores, the
+25.2 M-parameter MLP of ``benchmarks/``; numbers in ``benchmarks/RESULTS.md``):
+
+- ``HOROVOD_CYCLE_TIME = 20`` (ms; Horovod 0.28's default is 1): fewer background cycles, so
+  fewer negotiation round trips and wake-ups competing with compute. Cost: a round starts up to
+  20 ms later; at ``tau = 16`` and ~0.1 s per step that is at most 20 ms per 1.6 s in sync mode,
+  and nothing in async mode.
+
+Deliberately left alone:
+
+- ``HOROVOD_FUSION_THRESHOLD``: EASGD already hands Horovod one flat buffer per dtype and
+  device (one request per round), so there is nothing left to fuse; the threshold only matters
+  for many small tensors (``hvd.DistributedOptimizer``'s gradients).
+- ``HOROVOD_CACHE_CAPACITY``: the default (1024) already caches the round's few request names.
+- Timeouts (``HOROVOD_GLOO_TIMEOUT_SECONDS``, stall checks): correctness, not speed; see
+  ``launch/cluster_env.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Dict, MutableMapping, Optional
+
+#: Set to 0 / false / no / off to disable :func:`apply_horovod_settings`.
+DISABLE_ENV = "HVD_EASGD_TUNE"
+
+#: The recommended Horovod environment for EASGD jobs (values are strings, as in os.environ).
+#: Keep in sync with the defaults in launch/run_multinode.sh and launch/cluster_env.sh (a test
+#: checks it).
+HOROVOD_SETTINGS: Dict[str, str] = {
+    "HOROVOD_CYCLE_TIME": "20",
+}
+
+#: Horovod's own defaults for the same variables (Horovod 0.28.1), for reports.
+HOROVOD_DEFAULTS: Dict[str, str] = {
+    "HOROVOD_CYCLE_TIME": "1",
+}
+
+_FALSE = {"0", "false", "no", "off"}
+
+
+def enabled(environ: Optional[MutableMapping[str, str]] = None) -> bool:
+    """False when ``HVD_EASGD_TUNE`` is 0/false/no/off."""
+    environ = os.environ if environ is None else environ
+    return environ.get(DISABLE_ENV, "1").strip().lower() not in _FALSE
+
+
+def horovod_initialized() -> bool:
+    """True if ``horovod.torch`` is imported and initialised (without importing it)."""
+    mod = sys.modules.get("horovod.torch")
+    if mod is None:
+        return False
+    try:
+        return bool(mod.is_initialized())
+    except Exception:  # pragma: no cover - a broken or partial import
+        return False
+
+
+def apply_horovod_settings(overwrite: bool = False,
+                           environ: Optional[MutableMapping[str, str]] = None,
+                           settings: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Put the recommended Horovod settings into the environment; call before ``hvd.init()``.
+
+    A variable that is already set (by you, ``horovodrun -x``/``--cycle-time-ms``, or a
+    launcher) is kept unless ``overwrite=True``. Does nothing when ``HVD_EASGD_TUNE=0``.
+    Returns the variables it set, ``{name: value}`` (empty if none).
+
+    Horovod reads these variables once, in ``hvd.init()``; called later, this warns and
+    changes nothing for the running Horovod.
+    """
+    environ = os.environ if environ is None else environ
+    if not enabled(environ):
+        return {}
+    if horovod_initialized():
+        warnings.warn("hvd_easgd.tuning.apply_horovod_settings() called after hvd.init(): "
+                      "Horovod has already read its settings; call it before hvd.init()",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    applied: Dict[str, str] = {}
+    for name, value in (HOROVOD_SETTINGS if settings is None else settings).items():
+        if overwrite or name not in environ:
+            environ[name] = value
+            applied[name] = value
+    return applied
+
+
+def effective_settings(environ: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:
+    """The value Horovod will use for every tuned variable (Horovod's default if unset)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ.get(name, HOROVOD_DEFAULTS.get(name, "")) for name in HOROVOD_SETTINGS}
+
+
+def export_lines() -> str:
+    """``export NAME=VALUE`` lines of the recommended settings (for shell scripts)."""
+    return "\n".join(f"export {k}={v}" for k, v in HOROVOD_SETTINGS.items())
+
+
+if __name__ == "__main__":  # python -m hvd_easgd.tuning: print the exports
+    print(export_lines())
