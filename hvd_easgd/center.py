@@ -84,16 +84,22 @@ class CenterState:
             g.gather(views)
 
     @torch.no_grad()
-    def seal(self, slot: int, rank: int) -> None:
+    def seal(self, slot: int, rank: int, from_live: bool = False) -> None:
         """Turn the snapshot into ``d = snapshot - center`` and mark the header.
 
-        Slot ``rank`` of the header gets 1 when this worker's ``d`` holds a NaN or an inf
-        (one summing pass, on the device: no host synchronisation), else 0.
+        ``from_live``: there is no snapshot; ``d = x - center`` is written straight from the
+        live tensors (one pass instead of a copy and a subtraction). Slot ``rank`` of the
+        header gets 1 when this worker's ``d`` holds a NaN or an inf (one summing pass, on the
+        device: no host synchronisation), else 0.
         """
         bad = None
-        for g, buf, center in zip(self.groups, self.rounds[slot], self.centers):
+        for gi, (g, buf, center) in enumerate(zip(self.groups, self.rounds[slot], self.centers)):
             values = buf[:g.numel]
-            values.sub_(center)
+            if from_live:
+                for live, c, out in zip(g.tensors, self.center_views[gi], self.round_views[slot][gi]):
+                    torch.sub(live, c, out=out)
+            else:
+                values.sub_(center)
             flag = torch.isfinite(values.sum()).logical_not()
             bad = flag if bad is None else bad.logical_or(flag.to(bad.device))
         header = self.rounds[slot][0][self.groups[0].numel:]

@@ -262,14 +262,13 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self._finish_round()
 
     def _start_round(self, slot: int):
-        self.buffers.snapshot(slot)
-        self._seal(slot)
+        self._seal(slot, from_live=True)
         return self.communicator.start(self.buffers.rounds[slot], self.counters.round)
 
-    def _seal(self, slot: int) -> None:
+    def _seal(self, slot: int, from_live: bool = False) -> None:
         # d = snapshot - center, against the center this round will be applied to: nothing
         # changes the center between here and the round's application.
-        self.buffers.seal(slot, self.world[1])
+        self.buffers.seal(slot, self.world[1], from_live)
         self.counters.round += 1
         self.stats.rounds += 1
 

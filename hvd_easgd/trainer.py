@@ -109,6 +109,8 @@ class Trainer:
         self.eval_model = copy.deepcopy(self.model) if self.kind == "elastic" else None
         self.loop = LoopState(world_size=self.size)
         self.meter = LossMeter(self.device)
+        self.diverged = 0  # log events in a row with the training loss far above chance
+        self.elastic_state: Any = None  # the TrainerState, under hvd.elastic
         self.stats_base: Dict[str, float] = {}
         self.origin: Optional[float] = None
         if resume_state is not None:
@@ -266,8 +268,6 @@ class Trainer:
             raise TrainingStopped(f"stopped after step {step} (stop_at_step)")
         return False
 
-    elastic_state: Any = None
-
     # ------------------------------------------------------------------ events
 
     def comm_stats(self) -> Dict[str, float]:
@@ -314,8 +314,6 @@ class Trainer:
                 f"a row, now {loss:.4g} at step {self.loop.step}. Lower optimizer.lr (or add "
                 f"optimizer.schedule.warmup_epochs) and check the data (NaN/inf inputs or bad "
                 f"labels); train.divergence_factor=0 turns this check off.")
-
-    diverged = 0
 
     def write_train_metrics(self, total: list) -> None:
         stats = self.comm_stats()

@@ -203,3 +203,53 @@ def test_trainer_stops_on_divergence(tmp_path):
     assert "training stopped" in text and "NaN/inf" in text
     assert "lower optimizer.lr" in text.lower()
     assert time.monotonic() - started < 120
+
+
+# ---------------------------------------------------------------------- commit / restore
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_commit_restore_roll_everything_back_together(mode):
+    """In one process: what `state.restore()` brings back is exactly what `commit()` saw."""
+    import horovod.torch as hvd
+    import torch
+
+    import hvd_easgd
+
+    hvd.init()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt = hvd_easgd.ElasticOptimizer(base, model.named_parameters(), tau=2, mode=mode,
+                                     named_buffers=model.named_buffers())
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, epoch=0)
+
+    def train(steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 5)).pow(2).mean().backward()
+            opt.step()
+
+    def snapshot():
+        return {"params": [p.detach().clone() for p in model.parameters()],
+                "center": {k: v.clone() for k, v in opt.center_state_dict().items()},
+                "momentum": [base.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+                "counters": (opt.step_count, opt.round_count)}
+
+    train(5)
+    state.epoch = 3
+    state.commit()
+    saved = snapshot()
+    train(4)  # moves everything, and leaves a round in flight in async mode
+    assert opt.step_count == 9 and not torch.equal(saved["params"][0], model[0].weight)
+    state.restore()
+    now = snapshot()
+    assert state.epoch == 3
+    assert now["counters"] == saved["counters"]
+    for key in ("params", "momentum"):
+        assert all(torch.equal(a, b) for a, b in zip(now[key], saved[key])), key
+    assert all(torch.equal(now["center"][k], saved["center"][k]) for k in saved["center"])
+    train(3)  # training goes on after a restore, and a second restore still finds the commit
+    state.restore()
+    assert all(torch.equal(a, b) for a, b in zip(snapshot()["params"], saved["params"]))
+    opt.close()

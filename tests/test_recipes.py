@@ -28,6 +28,12 @@ def test_there_are_recipes():
 def test_recipe_is_valid_and_says_how_to_run_it(recipe):
     cfg = load_config(recipe)
     text = recipe.read_text()
+    assert cfg.name == recipe.stem
+    if cfg.elastic.enabled:  # the number of workers changes: launched by run_elastic.sh
+        m = re.search(r"^#\s+.*launch/run_elastic\.sh (\S+)$", text, re.M)
+        assert m and m.group(1) == rel(recipe), "the recipe states the command that runs it"
+        assert cfg.elastic.min_np is not None and cfg.elastic.max_np is not None
+        return
     np = cfg.launch.np
     assert np is not None, "launch.np records the intended number of workers"
     m = re.search(r"^#\s+horovodrun -np (\d+) -H (\S+) .*hvd-easgd-train --config (\S+)", text, re.M)

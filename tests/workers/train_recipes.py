@@ -45,7 +45,7 @@ def smoke_overrides(cfg) -> list:
         "data.fake_test_size=8", "data.fake_num_classes=10",
         "train.batch_size=2", "train.max_steps=3", "train.eval_batch_size=4", "train.max_eval_batches=1",
         "train.device=cpu", "train.threads=1", "log.every=2", "log.progress=false", "log.tensorboard=true",
-        "launch.np=null",
+        "launch.np=null", "elastic.enabled=false",  # elastic runs: tests/test_elastic.py
     ]
     if big:  # the whole path once, at the end; no checkpoint of 2 x ~20M parameters
         out += ["train.eval_every=0", "train.eval_local=false", "checkpoint.every=0", "checkpoint.at_end=false"]
