@@ -18,8 +18,10 @@ What each of Horovod's events does to the optimizer:
 - after every reset (``sync``, a collective): alpha, the flag header and every rule follow the
   new ``hvd.size()``; one allgather checks that all workers run the same model and settings and
   finds the survivors; the lowest-ranked survivor broadcasts its committed center and counters,
-  so the replicas are bit-identical again. A survivor keeps its own committed parameters and
-  local optimizer state; a worker that joins starts from the center with fresh optimizer state.
+  so the replicas are bit-identical again. Every worker then restarts from that center (the
+  departed worker's data lives on only there; on Horovod's elastic MNIST example this ends
+  ~0.5 points closer to the run without a fault than survivors keeping their own parameters).
+  A survivor keeps its local optimizer state; a worker that joins starts with a fresh one.
 - hosts removed without a failure (Horovod skips the sync): the next round sees the new size,
   drops the round in flight (every worker committed at the same step, so all drop the same
   one) and re-derives alpha; the centers were identical already.
@@ -137,11 +139,12 @@ def follow_world(opt: "ElasticOptimizer") -> None:
         opt.stats.resets += 1
 
 
-def sync_workers(opt: "ElasticOptimizer", commit: Optional[Commit]) -> None:
+def sync_workers(opt: "ElasticOptimizer") -> None:
     """Bring every worker to one agreed state after ``hvd.elastic`` (re)started the job.
 
-    Collective: every worker calls it (from ``TorchState.sync``). ``commit`` is this worker's
-    last commit; a worker that has trained in this job before (a survivor) returns to it.
+    Collective: every worker calls it (from ``TorchState.sync``). Every worker restarts from
+    the center of the lowest-ranked survivor (a worker that has trained in this job before);
+    survivors keep their local optimizer state, joiners start with a fresh one.
     """
     opt._drop_round_in_flight()
     opt._configure_world()
@@ -158,14 +161,10 @@ def sync_workers(opt: "ElasticOptimizer", commit: Optional[Commit]) -> None:
         (opt.counters.step, opt.counters.round), root_rank=root,
         name=f"{opt.communicator.name}.sync.counters",
     )
-    if survivor and commit is not None:
-        # Horovod's model handler has just broadcast rank 0's *local* parameters; an EASGD
-        # worker keeps its own.
-        for group, flat in zip(opt.buffers.groups, commit.live):
-            group.scatter_copy(group.views(flat))
+    opt.buffers.live_from_center()
+    if survivor:
         opt.stats.resets += 1
     else:
-        opt.buffers.live_from_center()
         opt.optimizer.state.clear()
     opt.counters = Counters(step=int(step), round=int(rounds))
     opt.synced = True
@@ -199,7 +198,7 @@ def _handler_class():
             opt._link()
 
         def sync(self) -> None:
-            sync_workers(self.value, self._saved)
+            sync_workers(self.value)
             self.save()
 
     return ElasticOptimizerStateHandler

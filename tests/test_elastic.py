@@ -60,6 +60,7 @@ def test_sigkill_one_of_two_workers(tmp_path_factory, mode):
     # round at 152) and rolls back to its last commit (every 5 batches)
     assert restart["size"] == 1 and 145 <= restart["step"] <= 152
     assert not restart["fresh_optimizer_state"], "a survivor keeps its local optimizer state"
+    assert restart["distance_to_center"] == 0.0, "every worker restarts from the center"
     assert survivor["center_finite"]
     reference = clean["localhost-0"]["center_accuracy"]
     assert clean["localhost-0"]["center_hash"] == clean["127.0.0.1-0"]["center_hash"]
@@ -96,7 +97,10 @@ def test_grow_from_one_to_two_workers(tmp_path_factory):
     joined = new["entries"][0]
     assert joined["size"] == 2 and joined["step"] >= 100
     assert joined["distance_to_center"] == 0.0 and joined["fresh_optimizer_state"]
-    assert old["entries"][-1]["size"] == 2 and old["entries"][-1]["distance_to_center"] > 0
+    # the worker that was there restarts from the same center and keeps its optimizer state
+    rejoined = old["entries"][-1]
+    assert rejoined["size"] == 2 and rejoined["step"] == joined["step"]
+    assert rejoined["distance_to_center"] == 0.0 and not rejoined["fresh_optimizer_state"]
     for r in (old, new):
         assert r["size"] == 2 and r["alpha"] == pytest.approx(0.45)
     assert old["center_hash"] == new["center_hash"]
