@@ -114,6 +114,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--polite-wait", action="store_true",
                    help="experiment: wait for collectives by polling with short sleeps instead "
                         "of Horovod's busy-yield synchronize (see benchmarks/README.md)")
+    p.add_argument("--rotate", type=int, default=0,
+                   help="start the variant order this many places later (the orchestrator "
+                        "benchmarks/baselines.py rotates it between its repetitions)")
+    p.add_argument("--horovod-defaults", action="store_true",
+                   help="keep Horovod's own runtime defaults instead of applying hvd-easgd's "
+                        "recommended settings (hvd_easgd.tuning; HVD_EASGD_TUNE=0 does the same)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here (rank 0)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.reps < 1 or args.warmup < 0:
@@ -237,7 +243,7 @@ def wait_submitted(opt: Any, rounds: int, timeout: float = 300.0) -> None:
 
 
 def summarise(variant: Variant, runs: List[Dict[str, float]], samples_per_step: int,
-              wire_param_bytes: int) -> Dict[str, Any]:
+              wire_param_bytes: int, header_bytes: int = 0) -> Dict[str, Any]:
     steps = sum(r["steps"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
     total_bytes = sum(r["bytes"] for r in runs)
@@ -266,7 +272,8 @@ def summarise(variant: Variant, runs: List[Dict[str, float]], samples_per_step: 
     )
     # Exact integer check of the communication volume: bytes * tau == parameter bytes * steps.
     if variant.kind == "elastic":
-        row["bytes_exact"] = total_bytes * tau == wire_param_bytes * steps
+        # A round is the parameters plus one finiteness flag per worker (hvd_easgd.center).
+        row["bytes_exact"] = total_bytes * tau == (wire_param_bytes + header_bytes) * steps
         row["bytes_fraction_of_params"] = total_bytes * tau / (wire_param_bytes * steps)
     elif variant.kind == "horovod":
         row["bytes_exact"] = total_bytes == wire_param_bytes * steps
@@ -330,6 +337,12 @@ def check_targets(rows: Dict[str, Dict[str, Any]], model: str) -> List[Dict[str,
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    # What hvd-easgd-train and the launchers do: hvd-easgd's Horovod settings (a longer
+    # background cycle), unless the user set them or disabled them (HVD_EASGD_TUNE=0).
+    from hvd_easgd import tuning
+
+    applied = {} if args.horovod_defaults else tuning.apply_horovod_settings()
+    horovod_settings = tuning.effective_settings()
     hvd.init()
     setup_worker(args.threads)
     device = resolve_device(args.device)
@@ -361,7 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     runs: Dict[str, List[Dict[str, float]]] = {v.name: [] for v in variants}
     try:
         for rep in range(args.reps):
-            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+            shift = (rep + args.rotate) % len(variants)
+            order = variants[shift:] + variants[:shift]
             for variant in order:
                 result = measure(variant, spec, args, meter, batch, device)
                 runs[variant.name].append(result)
@@ -371,14 +385,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         meter.close()
 
     samples_per_step = size * batch_size
-    rows = {v.name: summarise(v, runs[v.name], samples_per_step, wire_bytes) for v in variants}
+    header = size * (2 if args.compression == "fp16" else 4)  # the round's flags, one per worker
+    rows = {v.name: summarise(v, runs[v.name], samples_per_step, wire_bytes, header)
+            for v in variants}
     reference = rows["no-comm"]["samples_per_sec"]
     add_ratios(rows, reference)
     targets = check_targets(rows, args.model)
     payload = {
         "benchmark": "throughput",
         "config": {**vars(args), "batch": batch_size, "world_size": size,
-                   "parameters": n_params, "param_bytes": pbytes, "wire_param_bytes": wire_bytes},
+                   "parameters": n_params, "param_bytes": pbytes, "wire_param_bytes": wire_bytes,
+                   "horovod_settings": horovod_settings, "horovod_settings_applied": applied},
         "environment": environment(),
         "variants": list(rows.values()),
         "targets": targets,
@@ -412,7 +429,8 @@ def render(payload: Dict[str, Any]) -> str:
         f"## throughput: model={cfg['model']} ({cfg['parameters']:,} parameters, "
         f"{cfg['param_bytes'] / mib:.1f} MiB), batch {cfg['batch']}/worker, "
         f"{cfg['world_size']} workers, device {cfg['device']}, compression {cfg['compression']}, "
-        f"{cfg['reps']} reps" + (", polite wait (experiment)" if cfg["polite_wait"] else ""),
+        f"{cfg['reps']} reps" + (", polite wait (experiment)" if cfg["polite_wait"] else "")
+        + ", Horovod " + " ".join(f"{k}={v}" for k, v in cfg["horovod_settings"].items()),
         "",
         format_table(headers, rows),
         "",

@@ -50,7 +50,14 @@ _hvd_default HOROVOD_CACHE_CAPACITY 1024
 # Tensors are fused into buffers of this many bytes per allreduce (64 MiB; the ImageNet net's
 # parameters are ~230 MB, so a round takes 4 fused allreduces).
 _hvd_default HOROVOD_FUSION_THRESHOLD 67108864
-_hvd_default HOROVOD_CYCLE_TIME 1       # ms between Horovod's background cycles
+# ms between Horovod's background cycles. Horovod's default is 1; EASGD makes one allreduce every
+# tau steps, so hvd-easgd uses 20 (hvd_easgd/tuning.py: fewer negotiation round trips and
+# wake-ups competing with training, at most 20 ms of delay per round). HVD_EASGD_TUNE=0 leaves
+# it to Horovod; for a sync-SGD-only job (hvd.DistributedOptimizer) export 1.
+case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
+    0|false|no|off) ;;
+    *) _hvd_default HOROVOD_CYCLE_TIME 20 ;;
+esac
 # Rendezvous and collectives on a busy cluster can take longer than Horovod's 30 s default.
 _hvd_default HOROVOD_GLOO_TIMEOUT_SECONDS 120
 # Profiling: export HOROVOD_TIMELINE=/path/timeline.json (view in chrome://tracing).

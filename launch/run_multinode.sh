@@ -22,6 +22,9 @@
 #   CONTROLLER        gloo | mpi | auto (horovodrun picks) [gloo]
 #   CLUSTER_ENV       file sourced first; empty to skip [launch/cluster_env.sh]
 #   TRAIN, HOROVODRUN, HOROVODRUN_ARGS, DRY_RUN=1   as in run_local.sh
+#   HOROVOD_CYCLE_TIME  Horovod's background cycle in ms [20: hvd-easgd's setting for EASGD
+#                     jobs, hvd_easgd/tuning.py; Horovod's own default is 1]
+#   HVD_EASGD_TUNE=0  export none of hvd-easgd's Horovod settings (keep Horovod's defaults)
 set -euo pipefail
 
 die() { echo "run_multinode.sh: $*" >&2; exit 2; }
@@ -65,6 +68,16 @@ if [[ -n "$CLUSTER_ENV" ]]; then
     source "$CLUSTER_ENV"
 fi
 
+# hvd-easgd's Horovod settings for EASGD jobs (hvd_easgd/tuning.py: one allreduce every tau
+# steps, so Horovod's background thread need not wake and negotiate every millisecond). A value
+# exported before (or by CLUSTER_ENV) wins; horovodrun passes them on to every worker.
+tuned=()
+case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
+    0|false|no|off) ;;
+    *) export HOROVOD_CYCLE_TIME="${HOROVOD_CYCLE_TIME:-20}"
+       tuned+=("HOROVOD_CYCLE_TIME=$HOROVOD_CYCLE_TIME") ;;
+esac
+
 # Print a command as one shell line (quoting only the words that need it).
 show_cmd() {
     local out="" a q="'"
@@ -77,6 +90,7 @@ show_cmd() {
 cmd=("${HOROVODRUN:-horovodrun}" -np "$NP" -H "$hosts_arg" "${controller[@]}" "${nic[@]}"
      "${extra[@]}" "${train_cmd[@]}" --config "$CONFIG" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    [[ ${#tuned[@]} -eq 0 ]] || echo "# Horovod settings (exported): ${tuned[*]}" >&2
     show_cmd "${cmd[@]}"
 else
     exec "${cmd[@]}"
