@@ -228,3 +228,15 @@ def test_one_worker_raising_fails_the_job_in_bounded_time(tmp_path, mode):
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "worker 1 failed on purpose" in proc.stdout + proc.stderr
     assert not (tmp_path / "rank0.json").exists()  # rank 0 did not carry on to the end alone
+
+
+@pytest.mark.timeout(200)
+def test_waiting_for_a_round_does_not_spin(tmp_path):
+    """Rank 1 is 1 s late to each of 3 rounds: rank 0 waits ~3 s and must not burn a core
+    doing it (Horovod's own synchronize busy-yields; hvd_easgd polls and sleeps)."""
+    results = run_workers("opt_wait_cpu.py", tmp_path, np=2, timeout=150,
+                          env={"HOROVOD_CYCLE_TIME": "5"})
+    for mode in ("sync", "async"):
+        waited = results[0][mode]
+        assert waited["wall"] > 2.5, (mode, waited)  # it really waited for the late peer
+        assert waited["cpu"] < 0.35 * waited["wall"], (mode, waited)
