@@ -113,7 +113,9 @@ class TrainConfig:
 class LogConfig:
     every: int = 20  # steps between training-loss / throughput / communication log events
     tensorboard: bool = True
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # a tqdm bar on rank 0 when its stderr is a terminal (not under horovodrun)
+    console_seconds: float = 15.0  # seconds between progress lines (under horovodrun / in a log file)
+    quiet: bool = False  # no progress or evaluation lines: warnings, errors and the final summary only
 
 
 @dataclass
@@ -345,7 +347,7 @@ _NUMBER_RULES = {
     "train.max_steps": "> 0 or null", "train.eval_every": ">= 0", "train.max_eval_batches": "> 0 or null",
     "log.every": "> 0", "checkpoint.every": ">= 0", "checkpoint.keep": "> 0", "launch.np": "> 0 or null",
     "optimizer.nonfinite_patience": "> 0", "elastic.commit_every": "> 0",
-    "train.divergence_factor": ">= 0",
+    "train.divergence_factor": ">= 0", "log.console_seconds": ">= 0",
     "elastic.min_np": "> 0 or null", "elastic.max_np": "> 0 or null",
 }
 

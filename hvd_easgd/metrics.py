@@ -1,4 +1,6 @@
-"""What a run records: TensorBoard scalars, a JSON-lines file, a tqdm bar, and metric averaging.
+"""What a run records: TensorBoard scalars, a JSON-lines file, and metric averaging.
+
+(What a person reads on the console is :mod:`hvd_easgd.console`.)
 
 Only rank 0 writes. Every log event is one JSON object per line in `RUN_DIR/metrics.jsonl` (next
 to the TensorBoard event files) with the keys
@@ -185,53 +187,6 @@ def read_metrics(path: os.PathLike) -> list:
     return out
 
 
-class Progress:
-    """A tqdm bar (rank 0, when enabled) and messages printed above it.
-
-    `bar`: show the bar; `echo`: print `write()` messages (with or without a bar). Other ranks
-    pass both false and everything is a no-op.
-    """
-
-    def __init__(self, total: int, initial: int = 0, *, bar: bool = True, echo: Optional[bool] = None,
-                 desc: str = "train"):
-        self._bar = None
-        self.echo = bar if echo is None else echo
-        if bar:
-            import sys
-
-            from tqdm.auto import tqdm
-
-            # Under horovodrun the bar goes through a pipe, line-prefixed: refresh it less often.
-            interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                             mininterval=0.1 if interactive else 5.0)
-
-    def update(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def set_postfix(self, **values) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix({k: _fmt(v) for k, v in values.items() if v is not None}, refresh=False)
-
-    def write(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text)
-        elif self.echo:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 class Stopwatch:
     """Accumulated seconds of training, pausable (evaluation and checkpoints are not training)."""
 
@@ -260,5 +215,5 @@ class Stopwatch:
 
 __all__ = [
     "METRICS_FILE", "KEYS", "BASE_KEYS", "allreduce_sum", "allreduce_mean", "MetricsLogger",
-    "truncate_after", "read_metrics", "Progress", "Stopwatch",
+    "truncate_after", "read_metrics", "Stopwatch",
 ]

@@ -411,9 +411,10 @@ def run(
     trainer = Trainer(cfg, run_dir, state, stop_at_step=stop_at_step, on_step=on_step)
     state = None  # free the memory
     o = cfg.optimizer
-    _log(f"{name}: method={o.method} mode={o.mode} tau={o.tau} workers={size} "
-         f"steps={trainer.total_steps} ({trainer.steps_per_epoch}/epoch) batch={cfg.train.batch_size}/worker "
-         f"device={trainer.device} run_dir={run_dir}", rank)
+    trainer.console.say(
+        f"{name}: method {o.method} ({o.mode}, tau {o.tau}), {size} worker(s), "
+        f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch "
+        f"{cfg.train.batch_size}/worker on {trainer.device}; run dir {run_dir}", always=True)
     return trainer.run()
 
 
@@ -445,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run directory")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress or evaluation lines, only warnings, errors and the summary "
+                        "(log.quiet)")
+    p.add_argument("--log-every", type=float, metavar="SECONDS",
+                   help="seconds between progress lines under horovodrun (log.console_seconds, "
+                        "default 15)")
     return p
 
 
@@ -456,8 +463,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("hvd-easgd-train: error: --config is required (or --resume --run-dir DIR)", file=sys.stderr)
             return 2
         config_path = str(Path(args.run_dir) / "config.yaml")
+    overrides = list(args.overrides)
+    if args.quiet:
+        overrides.append("log.quiet=true")
+    if args.log_every is not None:
+        overrides.append(f"log.console_seconds={args.log_every}")
     try:
-        cfg = load_config(config_path, args.overrides)
+        cfg = load_config(config_path, overrides)
     except ConfigError as e:
         print(f"hvd-easgd-train: config error: {e}", file=sys.stderr)
         return 2
@@ -481,9 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hvd-easgd-train: training stopped: {e}", file=sys.stderr, flush=True)
         return 3
 
-    if hvd.rank() == 0:
-        keys = ("center/test_error", "center/test_loss", "train/loss", "step", "wall_time", "run_dir")
-        print("final: " + ", ".join(f"{k}={summary[k]}" for k in keys if summary.get(k) is not None), flush=True)
+    del summary  # rank 0's console has printed it
     return 0
 
 

@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from hvd_easgd import checkpoint as ckpt
 from hvd_easgd.config import SINGLE_WORKER_METHODS, ConfigError, DictConfig, save_config, to_dict
-from hvd_easgd.metrics import MetricsLogger, Progress, Stopwatch, allreduce_sum
+from hvd_easgd.console import Console, summary_lines
+from hvd_easgd.metrics import MetricsLogger, Stopwatch, allreduce_sum
 
 
 class TrainingStopped(Exception):
@@ -110,6 +111,9 @@ class Trainer:
         self.loop = LoopState(world_size=self.size)
         self.meter = LossMeter(self.device)
         self.diverged = 0  # log events in a row with the training loss far above chance
+        self.best: Optional[tuple] = None  # (lowest center test error, its step)
+        self.last_train: Dict[str, Optional[float]] = {}
+        self.resume_note: Optional[str] = None
         self.elastic_state: Any = None  # the TrainerState, under hvd.elastic
         self.stats_base: Dict[str, float] = {}
         self.origin: Optional[float] = None
@@ -122,6 +126,8 @@ class Trainer:
         self.clock = Stopwatch(self.loop.wall_time)
         self.summary: Dict[str, Any] = {}
         self.open_outputs(resume_step=self.loop.step if self.resumed else None)
+        if self.resume_note:
+            self.console.say(self.resume_note, always=True)
         self.last = {"step": self.loop.step, "wall": self.clock(), "stats": self.comm_stats()}
         self.current_lr = self.lr_for(self.loop.step + 1)
         self.grad_bytes = sum(p.numel() * (2 if cfg.optimizer.compression == "fp16" else p.element_size())
@@ -175,8 +181,8 @@ class Trainer:
             old = 1 if self.solo else int(state["world_size"])
             self.set_position(int(state["epoch_samples"]), old)
             T._seed_worker_rng(t.seed, self.rank, loop.step)
-        T._log(f"resumed from step {loop.step} (epoch {loop.epoch}, {loop.epoch_samples} samples "
-               f"into it) in {self.run_dir}", self.rank)
+        self.resume_note = (f"resumed from step {loop.step} (epoch {loop.epoch}, "
+                            f"{loop.epoch_samples} samples into it) in {self.run_dir}")
 
     def set_position(self, epoch_samples: int, old_world: int) -> None:
         """Continue the epoch where ``old_world`` workers left it, in this world's shards.
@@ -197,12 +203,12 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, active=self.rank == 0, tensorboard=cfg.log.tensorboard,
                                     resume_step=resume_step, origin=self.origin)
         self.origin = self.logger.origin
-        self.progress = Progress(self.total_steps, initial=self.loop.step,
-                                 bar=self.rank == 0 and cfg.log.progress, echo=self.rank == 0,
-                                 desc=cfg.name or "run")
+        self.console = Console(self.run_dir, active=self.rank == 0, total_steps=self.total_steps,
+                               initial_step=self.loop.step, every=cfg.log.console_seconds,
+                               quiet=cfg.log.quiet, bar=cfg.log.progress, name=cfg.name or "run")
 
     def close_outputs(self) -> None:
-        self.progress.close()
+        self.console.close()
         self.logger.close()
 
     # ------------------------------------------------------------------ the loop
@@ -246,7 +252,7 @@ class Trainer:
         loop.epoch_samples += int(y.shape[0])
         loop.samples += int(y.shape[0]) * self.workers_in_step
         self.meter.add(loss)
-        self.progress.update(1)
+        self.console.step(1)
 
     def after_step(self) -> bool:
         """The events after a step; True when the run must stop here (stop_at_step)."""
@@ -340,13 +346,15 @@ class Trainer:
         self.log_metrics(metrics)
         self.last.update(step=self.loop.step, wall=now, stats=stats)
         self.meter.clear()
-        self.progress.set_postfix(loss=metrics["train/loss"], lr=self.current_lr,
-                                  samples_per_sec=metrics["samples_per_sec"])
+        self.last_train = metrics
+        self.console.progress(self.loop.step, self.epoch_now(), metrics)
+
+    def epoch_now(self) -> float:
+        return self.loop.epoch + self.loop.epoch_samples / self.epoch_len
 
     def log_metrics(self, metrics: Dict[str, Optional[float]]) -> None:
         loop = self.loop
-        epoch = loop.epoch + loop.epoch_samples / self.epoch_len
-        self.logger.log(loop.step, epoch, self.clock(), loop.samples, metrics)
+        self.logger.log(loop.step, self.epoch_now(), self.clock(), loop.samples, metrics)
         self.summary.update({k: v for k, v in metrics.items() if v is not None})
 
     def evaluate(self) -> None:
@@ -364,7 +372,11 @@ class Trainer:
             c = T.evaluate(self.model, self.test_loader, self.device, name="center", **kwargs)
         metrics = {"center/test_error": c["test_error"], "center/test_loss": c["test_loss"], **metrics}
         self.log_metrics(metrics)
-        self.progress.write(f"step {self.loop.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.best is None or c["test_error"] < self.best[0]:
+            self.best = (c["test_error"], self.loop.step)
+        if self.last_train:
+            self.console.progress(self.loop.step, self.epoch_now(), self.last_train, force=True)
+        self.console.evaluation(self.loop.step, metrics)
         self.clock.start()
 
     def center_state(self, averaged: bool) -> Dict[str, torch.Tensor]:
@@ -411,7 +423,7 @@ class Trainer:
             payload["rounds"] = int(self.opt.round_count)
             payload["comm_stats"] = self.comm_stats()
         path = ckpt.save_checkpoint(self.run_dir, loop.step, payload, keep=self.cfg.checkpoint.keep)
-        self.progress.write(f"step {loop.step}: checkpoint {path}")
+        self.console.say(f"step {loop.step}: checkpoint {path}")
 
     # ------------------------------------------------------------------ the end
 
@@ -442,7 +454,19 @@ class Trainer:
             samples=loop.samples, wall_time=self.clock(), world_size=self.size, method=self.method,
             mode=o.mode, center_path=str(center_path) if center_path is not None else None,
             steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+            best_center_test_error=self.best[0] if self.best else None,
+            best_step=self.best[1] if self.best else None,
         )
+        stats = self.comm_stats()
+        if self.kind == "elastic":
+            self.summary.update(
+                rounds=int(stats.get("rounds", 0)), bytes_communicated=stats.get("bytes_communicated"),
+                skipped_rounds=int(stats.get("skipped_rounds", 0)),
+                comm_share=stats.get("wait_seconds", 0.0) / max(1e-9, self.clock()))
+        checkpoints = len(ckpt.list_checkpoints(self.run_dir)) if self.rank == 0 else 0
+        for line in summary_lines(self.summary, self.best, self.run_dir, checkpoints,
+                                  bool(cfg.log.tensorboard)):
+            self.console.say(line, always=True)
         return dict(self.summary)
 
     def run(self) -> Dict[str, Any]:
@@ -534,6 +558,6 @@ def resync(trainer: Trainer, state: Any) -> None:
     trainer.meter.clear()
     trainer.open_outputs(resume_step=loop.step)
     trainer.last = {"step": loop.step, "wall": trainer.clock(), "stats": trainer.comm_stats()}
-    if state.trained and trainer.rank == 0:
-        trainer.T._log(f"elastic reset: {trainer.size} worker(s), continuing from step {loop.step} "
-                       f"(epoch {loop.epoch})", trainer.rank)
+    if state.trained:
+        trainer.console.say(f"elastic reset: {trainer.size} worker(s), continuing from step "
+                            f"{loop.step} (epoch {loop.epoch})", always=True)

@@ -1,0 +1,167 @@
+"""What a person reads while `hvd-easgd-train` runs: progress, evaluations, a summary.
+
+Under ``horovodrun`` a worker's stdout and stderr are pipes that Horovod reads line by line and
+prefixes with ``[rank]<stream>:``, so a tqdm bar (carriage returns, no newline) shows nothing
+until the end in a terminal and fragments in a log file. :class:`Console` therefore draws a tqdm
+bar only when rank 0's stderr really is a terminal (the trainer started without horovodrun) and
+otherwise prints one complete line every ``log.console_seconds`` (and at every evaluation) with
+step/total, epoch, loss, learning rate, samples/s, elapsed time and ETA. Numbers are rounded
+for reading (errors in percent with two decimals, losses to four significant digits, times in
+h:mm:ss); full precision stays in ``metrics.jsonl`` and TensorBoard. Everything rank 0 prints
+here also goes to ``RUN_DIR/train.log``. Other ranks print nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, TextIO
+
+PREFIX = "[hvd-easgd]"
+LOG_FILE = "train.log"
+
+
+def fmt_error(value: Optional[float]) -> str:
+    """A test error (a fraction) as a percentage with two decimals."""
+    return "-" if value is None else f"{100.0 * value:.2f}%"
+
+
+def fmt_loss(value: Optional[float]) -> str:
+    """A loss to four significant digits."""
+    return "-" if value is None else f"{value:.4g}"
+
+
+def fmt_seconds(seconds: Optional[float]) -> str:
+    """Seconds as h:mm:ss (rounded to whole seconds)."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return f"{n} B"  # pragma: no cover
+
+
+class Console:
+    """Rank 0's console and ``train.log``; inactive (silent) on other ranks.
+
+    ``quiet``: no progress or evaluation lines, only warnings, the summary and errors.
+    ``every``: seconds between progress lines when stderr is not a terminal.
+    """
+
+    def __init__(self, run_dir: Path, *, active: bool, total_steps: int, initial_step: int,
+                 every: float, quiet: bool, bar: bool, name: str,
+                 stream: Optional[TextIO] = None) -> None:
+        self.active, self.quiet, self.every = active, quiet, float(every)
+        self.total, self.name = total_steps, name
+        self.stream = stream or sys.stderr
+        self._log = open(Path(run_dir) / LOG_FILE, "a", encoding="utf-8") if active else None
+        self._bar = None
+        self._started, self._start_step = time.monotonic(), initial_step
+        self._last_line = time.monotonic()
+        interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if active and bar and interactive and not quiet:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc=name, unit="step",
+                             dynamic_ncols=True, file=self.stream)
+
+    def say(self, text: str, *, always: bool = False) -> None:
+        """One complete line (``always``: even when quiet)."""
+        if not self.active:
+            return
+        line = f"{PREFIX} {text}"
+        if self._log is not None:
+            self._log.write(line + "\n")
+            self._log.flush()
+        if self.quiet and not always:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def step(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def progress(self, step: int, epoch: float, metrics: Dict[str, Any], force: bool = False) -> None:
+        """A progress line, at most every ``every`` seconds (always with ``force``)."""
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix(loss=fmt_loss(metrics.get("train/loss")),
+                                  lr=f"{metrics.get('lr', 0):.3g}", refresh=False)
+            return
+        now = time.monotonic()
+        if not force and now - self._last_line < self.every:
+            return
+        self._last_line = now
+        done = step - self._start_step
+        elapsed = now - self._started
+        eta = elapsed / done * (self.total - step) if done > 0 else None
+        rate = metrics.get("samples_per_sec")
+        self.say(
+            f"step {step}/{self.total} ({100.0 * step / max(1, self.total):.0f}%) "
+            f"epoch {epoch:.2f} | loss {fmt_loss(metrics.get('train/loss'))} | "
+            f"lr {metrics.get('lr', 0):.3g} | "
+            f"{'-' if rate is None else f'{rate:,.0f}'} samples/s | "
+            f"elapsed {fmt_seconds(elapsed)} | ETA {fmt_seconds(eta)}")
+
+    def evaluation(self, step: int, metrics: Dict[str, float]) -> None:
+        parts = [f"center test error {fmt_error(metrics.get('center/test_error'))} "
+                 f"(loss {fmt_loss(metrics.get('center/test_loss'))})"]
+        if "local/test_error" in metrics:
+            parts.append(f"local {fmt_error(metrics['local/test_error'])} "
+                         f"(loss {fmt_loss(metrics.get('local/test_loss'))})")
+        self.say(f"step {step}/{self.total}: " + " | ".join(parts))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def summary_lines(summary: Dict[str, Any], best: Optional[tuple], run_dir: Path,
+                  checkpoints: int, tensorboard: bool) -> list:
+    """The end-of-run summary, one string per line."""
+    rate = summary["samples"] / summary["wall_time"] if summary.get("wall_time") else None
+    lines = [f"done: {summary['step']} steps, {summary['epoch']:.2f} epochs, "
+             f"{summary['samples']:,} samples in {fmt_seconds(summary.get('wall_time'))} of "
+             f"training ({'-' if rate is None else f'{rate:,.0f}'} samples/s, "
+             f"{summary['world_size']} worker(s))"]
+    center = f"  center test error {fmt_error(summary.get('center/test_error'))} final"
+    if best is not None:
+        center += f", {fmt_error(best[0])} best (step {best[1]})"
+    if summary.get("local/test_error") is not None:
+        center += f"; local model {fmt_error(summary['local/test_error'])}"
+    lines.append(center)
+    if summary.get("rounds") is not None:
+        share = summary.get("comm_share")
+        lines.append(f"  communication     {summary['rounds']} rounds, "
+                     f"{fmt_bytes(summary.get('bytes_communicated'))} sent per worker, "
+                     f"{'-' if share is None else f'{100 * share:.1f}%'} of training time waiting"
+                     + (f", {summary['skipped_rounds']} round(s) skipped (NaN/inf)"
+                        if summary.get("skipped_rounds") else ""))
+    outputs = []
+    if summary.get("center_path"):
+        outputs.append(f"center {summary['center_path']}")
+    if checkpoints:
+        outputs.append(f"checkpoints {Path(run_dir) / 'checkpoints'} ({checkpoints})")
+    if tensorboard:
+        outputs.append(f"TensorBoard {run_dir}")
+    outputs.append(f"log {Path(run_dir) / LOG_FILE}")
+    lines.append("  outputs           " + ", ".join(outputs))
+    lines.append(f"  plot it           hvd-easgd-plot {run_dir}")
+    return lines
