@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
 
@@ -67,6 +68,10 @@ class Console:
         self._bar = None
         self._started, self._start_step = time.monotonic(), initial_step
         self._last_line = time.monotonic()
+        self._shown = None
+        if active:  # warnings on rank 0 (non-finite rounds, resume notes) go to train.log too
+            self._shown = warnings.showwarning
+            warnings.showwarning = self._show_warning
         interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         if active and bar and interactive and not quiet:
             from tqdm.auto import tqdm
@@ -124,7 +129,17 @@ class Console:
                          f"(loss {fmt_loss(metrics.get('local/test_loss'))})")
         self.say(f"step {step}/{self.total}: " + " | ".join(parts))
 
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self._log is not None:
+            self._log.write(f"{PREFIX} {category.__name__}: {message}\n")
+            self._log.flush()
+        assert self._shown is not None
+        self._shown(message, category, filename, lineno, file, line)
+
     def close(self) -> None:
+        if self._shown is not None:
+            warnings.showwarning = self._shown
+            self._shown = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -101,3 +101,17 @@ def test_formatting():
     assert fmt_loss(0.09341182708740234) == "0.09341" and fmt_loss(1234.5678) == "1235"
     assert fmt_seconds(3725.4) == "1:02:05" and fmt_seconds(None) == "-"
     assert fmt_bytes(99_912_345) == "99.9 MB" and fmt_bytes(512) == "512 B"
+
+
+def test_warnings_reach_train_log(tmp_path):
+    import warnings
+
+    from hvd_easgd.console import Console
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        console = Console(tmp_path, active=True, total_steps=10, initial_step=0, every=15,
+                          quiet=True, bar=False, name="t")
+        warnings.warn("round 3 skipped", RuntimeWarning)
+        console.close()
+    assert "[hvd-easgd] RuntimeWarning: round 3 skipped" in (tmp_path / "train.log").read_text()
