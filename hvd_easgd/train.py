@@ -54,7 +54,6 @@ training set and rank 0 reports).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -69,7 +68,6 @@ import torch.nn.functional as F
 from hvd_easgd import checkpoint as ckpt
 from hvd_easgd.config import (
     SINGLE_WORKER_METHODS, ConfigError, DictConfig, config_from_dict, diff_configs, load_config,
-    save_config, to_dict,
 )
 from hvd_easgd.metrics import allreduce_sum
 from hvd_easgd.trainer import TrainingStopped  # noqa: F401 - part of this module's API

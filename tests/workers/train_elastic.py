@@ -7,7 +7,6 @@ its summary.
 """
 
 import argparse
-import json
 import os
 import signal
 import sys
