@@ -14,7 +14,8 @@ DIGITS = "recipes/demo/digits.yaml"
 # Variables the scripts read: a developer's own settings must not leak into the tests.
 _SCRIPT_VARS = {
     "CONFIG", "NP", "SLOTS", "HOSTS", "CONTROLLER", "TRAIN", "HOROVODRUN", "HOROVODRUN_ARGS",
-    "NETWORK_INTERFACE", "CLUSTER_ENV", "LAUNCH_DIR", "DRY_RUN",
+    "NETWORK_INTERFACE", "CLUSTER_ENV", "LAUNCH_DIR", "DRY_RUN", "HOSTS_FILE", "DISCOVERY",
+    "MIN_NP", "MAX_NP", "ELASTIC_TIMEOUT", "PYTHON",
 }
 
 
@@ -118,3 +119,41 @@ def test_cluster_env():
     opts, value = proc.stdout.splitlines()[0].split()
     assert "e" not in opts and "u" not in opts and value == "NCCL"
     assert proc.stdout.splitlines()[1] == "clean"
+
+
+ELASTIC = "recipes/demo/digits_elastic.yaml"
+
+
+def _elastic_dry(*args, **env):
+    import sys
+
+    env.setdefault("PYTHON", sys.executable)
+    return _dry("run_elastic.sh", *args, **env)
+
+
+def test_run_elastic_builds_an_elastic_horovodrun(tmp_path):
+    cmd = _elastic_dry(ELASTIC)
+    assert cmd.startswith("horovodrun -np 2 --min-np 1 --max-np 2 --host-discovery-script ")
+    assert f"{LAUNCH}/discover_hosts.sh" in cmd and "--network-interface lo" in cmd
+    assert cmd.endswith(f"hvd-easgd-train --config {ELASTIC} --set elastic.enabled=true")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nnode1:4\nnode2:4\n")
+    cmd = _elastic_dry(ELASTIC, "--set", "train.epochs=2", HOSTS_FILE=str(hosts), MAX_NP="8",
+                       MIN_NP="4")
+    assert "-np 8 --min-np 4 --max-np 8" in cmd and "--network-interface" not in cmd
+    assert cmd.endswith("--set elastic.enabled=true --set train.epochs=2")
+
+
+def test_discovery_script_prints_the_hosts_file(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\n\nlocalhost:1\n 127.0.0.1:1 \n")
+    out = _run("discover_hosts.sh", HOSTS_FILE=str(hosts)).stdout.split()
+    assert out == ["localhost:1", "127.0.0.1:1"]
+    missing = _run("discover_hosts.sh", check=False, HOSTS_FILE=str(tmp_path / "nope"))
+    assert missing.returncode != 0 and "HOSTS_FILE" in missing.stderr
+
+
+def test_run_elastic_refuses_bad_worker_counts():
+    proc = _run("run_elastic.sh", ELASTIC, check=False, DRY_RUN="1", MIN_NP="3", MAX_NP="2",
+                PYTHON=__import__("sys").executable)
+    assert proc.returncode == 2 and "MIN_NP <= NP <= MAX_NP" in proc.stderr
