@@ -59,6 +59,8 @@ SYNC_TARGET = 0.95
 ASYNC_TARGET = 0.97
 
 LIMIT = "plain-nocomm"
+#: Windows shorter than this (s) get no estimate of other processes' CPU (10 ms clock ticks).
+MIN_WINDOW = 1.0
 
 ROW_INFO = {
     "plain": "N plain processes, no Horovod, no communication: the physical limit",
@@ -122,13 +124,18 @@ def plain_worker(args: argparse.Namespace) -> None:
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         raise SystemExit("plain worker: expected GO on stdin")
+    from benchmarks.common import machine_busy_seconds
+
+    busy0 = machine_busy_seconds()
     cpu0 = _cpu_seconds()
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
     elapsed = time.perf_counter() - started
-    result = {"rank": args.rank, "steps": args.steps, "seconds": elapsed,
-              "cpu_seconds": _cpu_seconds() - cpu0,
+    cpu = _cpu_seconds() - cpu0
+    busy1 = machine_busy_seconds()
+    result = {"rank": args.rank, "steps": args.steps, "seconds": elapsed, "cpu_seconds": cpu,
+              "machine_busy_seconds": (busy1 - busy0) if busy0 is not None else None,
               "horovod_imported": any(m == "horovod" or m.startswith("horovod.")
                                       for m in sys.modules),
               "threads": torch.get_num_threads()}
@@ -164,6 +171,8 @@ def torch_worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from benchmarks.common import machine_busy_seconds
 
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -201,6 +210,7 @@ def torch_worker(args: argparse.Namespace) -> None:
             step()
         dist.barrier()
         counter = _AllreduceCounter()
+        busy0 = machine_busy_seconds()
         cpu0 = _cpu_seconds()
         started = time.perf_counter()
         try:
@@ -210,12 +220,16 @@ def torch_worker(args: argparse.Namespace) -> None:
         finally:
             counter.close()
         cpu = _cpu_seconds() - cpu0
+        busy = (machine_busy_seconds() - busy0) if busy0 is not None else float("nan")
         stats = torch.tensor([elapsed, cpu], dtype=torch.float64)
         slowest = stats.clone()
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         results[name] = {
             "steps": window, "seconds": float(slowest[0]),
+            # other processes' CPU meanwhile: the machine's busy time (rank 0) minus ours
+            "foreign_cores": (max(0.0, busy - float(stats[1])) / float(slowest[0])
+                              if float(slowest[0]) >= MIN_WINDOW else float("nan")),
             "cpu_seconds": float(stats[1]) / size, "allreduce_calls": counter.calls,
             # DDP's reducer calls the process group from C++: its bytes are not counted here.
             "bytes": counter.bytes if averager is not None else None,
@@ -276,7 +290,8 @@ def _run(cmd: Sequence[str], env: Dict[str, str], timeout: float) -> subprocess.
     return proc
 
 
-def run_plain(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+def run_plain(args: argparse.Namespace, rotate: int = 0, subset: Optional[Sequence[str]] = None
+              ) -> Tuple[Dict[str, Dict[str, Any]], None]:
     """N plain processes started together; samples/s over the slowest one's window."""
     cmd = [args.python, str(SCRIPT), "--role", "plain", *_model_args(args)]
     env = _env(args)
@@ -307,24 +322,28 @@ def run_plain(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         raise JobFailed("a plain worker imported Horovod")
     slowest = max(r["seconds"] for r in results)
     steps = results[0]["steps"]
+    busy = results[0]["machine_busy_seconds"]
+    foreign = (max(0.0, busy - sum(r["cpu_seconds"] for r in results)) / results[0]["seconds"]
+               if busy is not None and results[0]["seconds"] >= MIN_WINDOW else float("nan"))
     return {LIMIT: {"steps": steps, "seconds": slowest,
                     "samples_per_sec": args.np * args.batch * steps / slowest,
                     "bytes_per_step": 0, "allreduce_calls_per_step": 0,
                     "cpu_ms_per_step": 1000 * statistics.mean(r["cpu_seconds"] for r in results)
-                    / steps,
-                    "per_worker_seconds": [r["seconds"] for r in results]}}
+                    / steps, "foreign_cores": foreign,
+                    "per_worker_seconds": [r["seconds"] for r in results]}}, None
 
 
 def torch_variants(args: argparse.Namespace) -> List[str]:
     return ["torch-ddp", *(f"torch-averager-tau{t}" for t in args.taus)]
 
 
-def run_torch(args: argparse.Namespace, rotate: int) -> Dict[str, Dict[str, Any]]:
+def run_torch(args: argparse.Namespace, rotate: int, subset: Optional[Sequence[str]] = None
+              ) -> Tuple[Dict[str, Dict[str, Any]], None]:
     with tempfile.TemporaryDirectory(prefix="baselines-torch-") as tmp:
         out = Path(tmp) / "torch.json"
         cmd = [args.python, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(args.np), str(SCRIPT), "--role", "torch",
-               *_model_args(args), "--variants", *torch_variants(args),
+               *_model_args(args), "--variants", *(subset or torch_variants(args)),
                "--rotate", str(rotate), "--out", str(out)]
         _run(cmd, _env(args), args.job_timeout)
         payload = json.loads(out.read_text())
@@ -338,8 +357,9 @@ def run_torch(args: argparse.Namespace, rotate: int) -> Dict[str, Dict[str, Any]
                       "bytes_exact": (r["bytes"] * tau == args.param_bytes * r["steps"])
                       if tau and r["bytes"] is not None else None,
                       "allreduce_calls_per_step": r["allreduce_calls"] / r["steps"],
-                      "cpu_ms_per_step": 1000 * r["cpu_seconds"] / r["steps"]}
-    return rows
+                      "cpu_ms_per_step": 1000 * r["cpu_seconds"] / r["steps"],
+                      "foreign_cores": r["foreign_cores"]}
+    return rows, None
 
 
 def run_horovod(args: argparse.Namespace, only: Sequence[str], suffix: str, rename_all: bool,
@@ -362,41 +382,67 @@ def run_horovod(args: argparse.Namespace, only: Sequence[str], suffix: str, rena
         payload = json.loads(out.read_text())
     rows = {}
     for v in payload["variants"]:
-        name = "hvd-nocomm" if v["name"] == "no-comm" else v["name"]
-        if name == "hvd-nocomm" or rename_all:
-            name = f"{name}@{suffix}"
+        name = hvd_row_name(v["name"], suffix, rename_all)
+        # Strictly issue 11's definition: the bytes of one round (tau steps; one step for
+        # hvd-sgd) are exactly the parameter bytes, nothing added.
+        per = (v["tau"] or 1) if v["kind"] == "elastic" else 1
+        extra = (v["total_bytes"] * per - args.param_bytes * v["total_steps"]) / v["total_steps"]
         rows[name] = {
             "steps": v["total_steps"], "seconds": v["total_steps"] * args.np * args.batch
             / v["samples_per_sec"], "samples_per_sec": v["samples_per_sec"],
             "bytes_per_step": v["bytes_per_step"],
-            "bytes_exact": v["bytes_exact"] if v["kind"] != "local" else None,
+            "bytes_exact": (extra == 0) if v["kind"] != "local" else None,
+            "extra_bytes_per_round": extra if v["kind"] != "local" else None,
+            "throughput_bytes_exact": v.get("bytes_exact"),
             "allreduce_calls_per_step": v["allreduce_calls_per_step"],
             "cpu_ms_per_step": v["cpu_ms_per_step"], "comm_share": v["comm_share"],
             "wait_ms_per_step": v["wait_ms_per_step"], "stalls": v["stalls"],
             "cores_per_worker": v["cores_per_worker"],
+            "foreign_cores": (v.get("foreign_cores", float("nan"))
+                              if v["total_steps"] * args.np * args.batch / v["samples_per_sec"]
+                              >= MIN_WINDOW else float("nan")),
         }
     return rows, payload["config"].get("horovod_settings", {})
 
 
+def hvd_row_name(variant: str, suffix: str, rename_all: bool) -> str:
+    """throughput.py's variant name -> this table's row name (and back: :func:`hvd_variant`)."""
+    name = "hvd-nocomm" if variant == "no-comm" else variant
+    return f"{name}@{suffix}" if (name == "hvd-nocomm" or rename_all) else name
+
+
+def hvd_variant(row: str) -> str:
+    base = row.split("@", 1)[0]
+    return "no-comm" if base == "hvd-nocomm" else base
+
+
 def jobs(args: argparse.Namespace) -> List[Tuple[str, Any]]:
-    """(name, callable(rotate) -> (rows, horovod settings)) for every job of one repetition."""
+    """(name, run(rotate, subset) -> (rows, Horovod settings)) for every job of a repetition.
+
+    ``subset`` (row names) restricts a job to some of its rows, to measure them again.
+    """
     out: List[Tuple[str, Any]] = []
     easgd = [f"easgd-{m}-tau{t}" for m in ("sync", "async") for t in args.taus]
     clean = {k: None for k in args.tuned_vars}  # the user's shell must not leak into a job
+
+    def hvd_job(variants, suffix, rename_all, env, defaults):
+        def run(rot, subset=None):
+            only = variants if subset is None else sorted({hvd_variant(r) for r in subset})
+            return run_horovod(args, only, suffix, rename_all, env, defaults, rot)
+        return run
+
     if "plain" in args.groups:
-        out.append(("plain", lambda rot: (run_plain(args), None)))
+        out.append(("plain", lambda rot, subset=None: run_plain(args, rot)))
     if "torch" in args.groups:
-        out.append(("torch", lambda rot: (run_torch(args, rot), None)))
+        out.append(("torch", lambda rot, subset=None: run_torch(args, rot, subset)))
     if "hvd" in args.groups:
-        out.append(("hvd-default", lambda rot: run_horovod(
-            args, ["hvd-sgd"], "default", False, {**clean, "HVD_EASGD_TUNE": "0"}, True, rot)))
-        out.append(("hvd-easgd", lambda rot: run_horovod(
-            args, easgd, "tuned", False, dict(clean), False, rot)))
+        out.append(("hvd-default", hvd_job(["hvd-sgd"], "default", False,
+                                           {**clean, "HVD_EASGD_TUNE": "0"}, True)))
+        out.append(("hvd-easgd", hvd_job(easgd, "tuned", False, dict(clean), False)))
     for ms in args.cycle_times:
         tag = f"cycle{ms:g}ms"
         env = {**clean, "HVD_EASGD_TUNE": "0", "HOROVOD_CYCLE_TIME": f"{ms:g}"}
-        out.append((f"hvd-{tag}", lambda rot, tag=tag, env=env: run_horovod(
-            args, args.cycle_variants, tag, True, env, True, rot)))
+        out.append((f"hvd-{tag}", hvd_job(list(args.cycle_variants), tag, True, env, True)))
     return out
 
 
@@ -426,35 +472,39 @@ def busy_cores(seconds: float = 1.0) -> float:
     return (b1 - b0) / os.sysconf("SC_CLK_TCK") / seconds
 
 
-def wait_until_idle(limit_cores: float, max_wait: float) -> Tuple[float, float]:
-    """Wait (at most ``max_wait`` s) until other processes use < ``limit_cores`` cores.
+def wait_until_idle(limit_cores: float, max_wait: float, quiet_for: float = 10.0
+                    ) -> Tuple[float, float]:
+    """Wait (at most ``max_wait`` s) until other processes have used < ``limit_cores`` cores
+    for ``quiet_for`` seconds in a row (a gap between two jobs of a test suite is not enough).
 
-    Returns (busy cores at the start, seconds waited).
+    Returns (busy cores over the last quiet period, seconds waited).
     """
     started = time.time()
-    busy = busy_cores()
-    while busy >= limit_cores and time.time() - started < max_wait:
-        time.sleep(4.0)
-        busy = busy_cores()
-    return busy, time.time() - started
+    while True:
+        busy = busy_cores(quiet_for)
+        if busy < limit_cores or time.time() - started >= max_wait:
+            return busy, time.time() - started
+        time.sleep(2.0)
 
 
 def _run_job(args: argparse.Namespace, rep: int, name: str, job: Any,
-             settings: Dict[str, Dict[str, str]], failures: List[str]
+             settings: Dict[str, Dict[str, str]], failures: List[str],
+             subset: Optional[Sequence[str]] = None
              ) -> Tuple[Dict[str, Any], Optional[Dict[str, Dict[str, Any]]]]:
     """Run one job once: wait for an idle machine if asked, time it, count others' CPU."""
     waited = 0.0
     if args.wait_idle > 0:
-        _, waited = wait_until_idle(args.idle_cores, args.wait_idle)
+        _, waited = wait_until_idle(args.idle_cores, args.wait_idle, args.quiet_for)
     load = os.getloadavg()
     started = time.time()
     ticks0, mine0 = _cpu_ticks()[0], _children_cpu()
     entry: Dict[str, Any] = {"rep": rep + 1, "job": name, "load_1min": load[0],
                              "load_5min": load[1], "waited_for_idle_seconds": waited,
+                             "subset": list(subset) if subset else None,
                              "started_utc": time.strftime("%H:%M:%S", time.gmtime(started))}
     got: Optional[Dict[str, Dict[str, Any]]] = None
     try:
-        got, hsettings = job(rep)
+        got, hsettings = job(rep, subset)
         if hsettings is not None:
             settings[name] = hsettings
         entry["ok"] = True
@@ -462,19 +512,27 @@ def _run_job(args: argparse.Namespace, rep: int, name: str, job: Any,
         entry["ok"] = False
         failures.append(f"rep {rep + 1} {name}: {exc}")
     entry["seconds"] = time.time() - started
-    # Other processes' CPU during the job: the machine's busy time minus this job's (its
-    # processes are all waited-for descendants of this one), in cores.
+    # Other processes' CPU during the whole job (start-up included): the machine's busy time
+    # minus this job's (its processes are all waited-for descendants of this one), in cores.
     busy = (_cpu_ticks()[0] - ticks0) / os.sysconf("SC_CLK_TCK")
     entry["foreign_cores"] = max(0.0, busy - (_children_cpu() - mine0)) / max(
         entry["seconds"], 1e-9)
+    entry["rows_foreign_cores"] = {k: v.get("foreign_cores") for k, v in (got or {}).items()}
     _say(f"rep {rep + 1}/{args.reps} {name:>14}: load {load[0]:.2f} before"
          + (f" (waited {waited:.0f} s for idle)" if waited >= 1 else "")
          + f", {entry['seconds']:5.1f} s, other processes used "
          f"{entry['foreign_cores']:.2f} cores meanwhile"
          + ("" if entry["ok"] else "  FAILED") + "".join(
              f"\n    {k:>34}: {v['samples_per_sec']:8.1f} samples/s"
+             f" (others: {v.get('foreign_cores', float('nan')):.2f} cores)"
              for k, v in (got or {}).items()))
     return entry, got
+
+
+def _disturbed(args: argparse.Namespace, row: Dict[str, Any]) -> bool:
+    f = row.get("foreign_cores")
+    return (args.max_foreign is not None and f is not None and f == f
+            and f > args.max_foreign)
 
 
 def measure_all(args: argparse.Namespace) -> Dict[str, Any]:
@@ -485,6 +543,10 @@ def measure_all(args: argparse.Namespace) -> Dict[str, Any]:
     ``plain`` job also runs before the first job, between every two jobs and after the last,
     and each job's rows are compared with the mean of the two ``plain`` runs around that job,
     so load that drifts during a repetition (another job on the machine) cancels in the ratio.
+
+    With ``--max-foreign C``, a row whose timed window saw other processes use more than ``C``
+    cores is measured again (its job restricted to the disturbed rows, after waiting for an
+    idle machine), at most ``--retries`` times; the last measurement is kept and flagged.
     """
     job_list = jobs(args)
     plain = next((job for name, job in job_list if name == "plain"), None)
@@ -505,18 +567,25 @@ def measure_all(args: argparse.Namespace) -> Dict[str, Any]:
             sequence = job_list[shift:] + job_list[:shift]
         results: List[Tuple[str, Optional[Dict[str, Dict[str, Any]]]]] = []
         for name, job in sequence:
-            for attempt in range(1 + max(0, args.retries)):
-                entry, got = _run_job(args, rep, name, job, settings, failures)
-                entry["attempt"] = attempt + 1
-                disturbed = (args.max_foreign is not None and entry["ok"]
-                             and entry["foreign_cores"] > args.max_foreign)
-                entry["disturbed"] = disturbed
-                log.append(entry)
+            entry, got = _run_job(args, rep, name, job, settings, failures)
+            entry["attempt"] = 1
+            log.append(entry)
+            for attempt in range(2, 2 + max(0, args.retries)):
+                disturbed = sorted(k for k, v in (got or {}).items() if _disturbed(args, v))
                 if not disturbed:
                     break
-                _say(f"    other processes used {entry['foreign_cores']:.2f} cores > "
-                     f"--max-foreign {args.max_foreign:g}: "
-                     + ("measuring again" if attempt < args.retries else "kept (no retry left)"))
+                _say(f"    disturbed (other processes > {args.max_foreign:g} cores): "
+                     f"{', '.join(disturbed)}: measuring again")
+                entry, again = _run_job(args, rep, name, job, settings, failures,
+                                        subset=None if name == "plain" else disturbed)
+                entry["attempt"] = attempt
+                log.append(entry)
+                for k, v in (again or {}).items():
+                    if got is None or k in disturbed or k not in got:
+                        got = got if got is not None else {}
+                        got[k] = dict(v, attempts=attempt)
+            for k, v in (got or {}).items():
+                v["disturbed"] = _disturbed(args, v)
             results.append((name, got))
         per_rep.append(pair_with_limit(results))
     return {"per_rep": per_rep, "jobs": log, "horovod_settings": settings, "failures": failures}
@@ -595,6 +664,8 @@ def summarise(args: argparse.Namespace, measured: Dict[str, Any]) -> List[Dict[s
             "per_rep_samples_per_sec": sps,
             "median_samples_per_sec": _median(sps),
             "per_rep_limit_reference": limit,
+            "per_rep_foreign_cores": [rows.get(name, {}).get("foreign_cores") for rows in per_rep],
+            "per_rep_disturbed": [rows.get(name, {}).get("disturbed") for rows in per_rep],
             "per_rep_vs_limit": vs_limit, "median_vs_limit": _median(vs_limit),
             "averager_reference": ref_avg if any(avg) else None,
             "per_rep_vs_averager": vs_avg, "median_vs_averager": _median(vs_avg),
@@ -617,10 +688,14 @@ def check_targets(args: argparse.Namespace, rows: List[Dict[str, Any]]) -> List[
     t = args.target_tau
     targets = []
     easgd = [r for r in rows if r["name"].startswith("easgd-")]
+    extras = sorted({x["extra_bytes_per_round"] for r in easgd for x in r["per_rep"]
+                     if x and x.get("extra_bytes_per_round") is not None})
     targets.append({
         "target": "bytes/step = parameter bytes / tau exactly, every EASGD row",
         "value": ", ".join(f"{r['name']}: {r['bytes_per_step'] * (r['tau'] or 1) / args.param_bytes:.6g}"
-                           for r in easgd if r["bytes_per_step"] is not None),
+                           for r in easgd if r["bytes_per_step"] is not None)
+        + (f" (bytes beyond the parameters per round: {', '.join(f'{e:g}' for e in extras)})"
+           if any(extras) else ""),
         "met": all(r["bytes_exact"] for r in easgd) if easgd else None})
     for mode, floor in (("sync", SYNC_TARGET), ("async", ASYNC_TARGET)):
         row = by.get(f"easgd-{mode}-tau{t}")
@@ -652,14 +727,16 @@ def render(payload: Dict[str, Any]) -> str:
     mib = 2 ** 20
     headers = (["variant"] + [f"rep {i + 1}" for i in range(reps)]
                + ["median samples/s", "x limit", "x limit per rep", "x torch averager",
-                  "MiB/step"])
+                  "MiB/step", "others' cores (max)"])
     table = []
     for r in payload["rows"]:
         table.append([r["name"], *r["per_rep_samples_per_sec"], r["median_samples_per_sec"],
                       r["median_vs_limit"],
                       " ".join("-" if v is None else f"{v:.2f}" for v in r["per_rep_vs_limit"]),
                       None if r["averager_reference"] is None else r["median_vs_averager"],
-                      None if r["bytes_per_step"] is None else r["bytes_per_step"] / mib])
+                      None if r["bytes_per_step"] is None else r["bytes_per_step"] / mib,
+                      max((f for f in r["per_rep_foreign_cores"] if f is not None and f == f),
+                          default=None)])
     from benchmarks.common import format_table
 
     lines = [
@@ -727,6 +804,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="before each job, wait up to this long until other processes use fewer "
                         "than --idle-cores cores (a shared machine)")
     p.add_argument("--idle-cores", type=float, default=0.3)
+    p.add_argument("--quiet-for", type=float, default=10.0, metavar="SECONDS",
+                   help="with --wait-idle: how long the machine must stay idle before a job")
     p.add_argument("--max-foreign", type=float, default=None, metavar="CORES",
                    help="measure a job again (after waiting for idle) when other processes used "
                         "more than this many cores during it")

@@ -221,6 +221,23 @@ def thread_cpu_seconds() -> Optional[Dict[str, float]]:
     return {"main": main / tick, "others": others / tick}
 
 
+def machine_busy_seconds() -> Optional[float]:
+    """CPU seconds the whole machine (every process, every core) has been busy since boot.
+
+    The difference over a timed window, minus the CPU time of the job's own processes, is what
+    *other* processes took meanwhile: the benchmarks record it (``foreign_cores``) so that a
+    measurement disturbed by another job on a shared machine can be seen, or measured again.
+    Linux only (``/proc/stat``); ``None`` elsewhere.
+    """
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + vals[4]  # idle + iowait
+    return (sum(vals) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------------------------ output
 
 

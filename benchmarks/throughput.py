@@ -50,6 +50,7 @@ from benchmarks.common import (
     device_sync,
     environment,
     format_table,
+    machine_busy_seconds,
     model_spec,
     param_bytes,
     resolve_device,
@@ -176,10 +177,12 @@ def measure(variant: Variant, spec: ModelSpec, args: argparse.Namespace, meter: 
     meter.reset()
     cpu_started = time.process_time()  # every thread of this worker: compute and communication
     threads_started = thread_cpu_seconds()
+    busy_started = machine_busy_seconds()
     with stopwatch() as elapsed:
         for _ in range(window):
             step()
         device_sync(device)
+    busy_ended = machine_busy_seconds()
     cpu = time.process_time() - cpu_started
     threads = thread_cpu_seconds()
     main_cpu = other_cpu = float("nan")
@@ -211,6 +214,11 @@ def measure(variant: Variant, spec: ModelSpec, args: argparse.Namespace, meter: 
         torch.tensor([blocked, waited, comm_seconds, cpu, main_cpu, other_cpu],
                      dtype=torch.float64),
         op=hvd.Average, name=f"bench.waits.{variant.name}")
+    # Other processes' CPU during the window (a shared machine): the machine's busy time seen by
+    # rank 0 minus every worker's own CPU; only meaningful when all workers share the machine.
+    busy = (busy_ended - busy_started) if busy_started is not None else float("nan")
+    machine = hvd.broadcast(torch.tensor([busy], dtype=torch.float64), root_rank=0,
+                            name=f"bench.busy.{variant.name}")
     del opt, model
     gc.collect()
     return {
@@ -226,6 +234,7 @@ def measure(variant: Variant, spec: ModelSpec, args: argparse.Namespace, meter: 
         "main_thread_cpu_seconds": float(means[4]),
         "other_threads_cpu_seconds": float(means[5]),
         "worker_seconds": elapsed[0],
+        "foreign_cpu_seconds": max(0.0, float(machine[0]) - float(means[3]) * hvd.size()),
     }
 
 
@@ -268,6 +277,8 @@ def summarise(variant: Variant, runs: List[Dict[str, float]], samples_per_step: 
         other_threads_cpu_ms_per_step=(
             1000 * sum(r["other_threads_cpu_seconds"] for r in runs) / steps),
         rounds=steps // tau if variant.kind == "elastic" else None,
+        # Cores other processes kept busy during the timed windows (see machine_busy_seconds).
+        foreign_cores=sum(r.get("foreign_cpu_seconds", float("nan")) for r in runs) / seconds,
         per_rep_samples_per_sec=[samples_per_step * r["steps"] / r["seconds"] for r in runs],
     )
     # Exact integer check of the communication volume: bytes * tau == parameter bytes * steps.
