@@ -637,7 +637,7 @@ def summarise(args: argparse.Namespace, measured: Dict[str, Any]) -> List[Dict[s
     for rows in per_rep:
         names += [n for n in rows if n not in names]
     order = {n: i for i, n in enumerate(_display_order(args))}
-    names.sort(key=lambda n: (order.get(n.split("@")[0], 99), n))
+    names.sort(key=lambda n: (order.get(n.split("@")[0], 99), _suffix_key(n)))
     target_tau = args.target_tau
     out = []
     for name in names:
@@ -676,6 +676,17 @@ def summarise(args: argparse.Namespace, measured: Dict[str, Any]) -> List[Dict[s
             "per_rep": [rows.get(name) for rows in per_rep],
         })
     return out
+
+
+def _suffix_key(name: str) -> Tuple[int, float, str]:
+    """Rows of one variant: no suffix, @default, @tuned, then @cycleXms by X."""
+    suffix = name.split("@", 1)[1] if "@" in name else ""
+    if suffix.startswith("cycle") and suffix.endswith("ms"):
+        try:
+            return (2, float(suffix[5:-2]), suffix)
+        except ValueError:
+            pass
+    return (0 if suffix in ("", "default") else 1, 0.0, suffix)
 
 
 def _display_order(args: argparse.Namespace) -> List[str]:
@@ -815,6 +826,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="smoke test: tiny MLP (hidden 16), batch 4, 4 steps, 1 rep, taus 2 4")
     p.add_argument("--job-timeout", type=float, default=1200, help="seconds per job")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print the table of a saved --json again, measuring nothing")
     p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     # worker roles (internal)
     p.add_argument("--role", choices=("orchestrate", "plain", "torch"), default="orchestrate",
@@ -851,6 +864,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     if os.environ.get("HOROVOD_RANK") is not None:
         raise SystemExit("run baselines.py as a plain program: it starts horovodrun itself")
+    if args.render:
+        return rerender(args.render)
     from hvd_easgd import tuning
 
     args.tuned_vars = list(tuning.HOROVOD_SETTINGS)
@@ -892,6 +907,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for f in measured["failures"]:
             _say("FAILED " + f)
         raise SystemExit(1)
+    return payload
+
+
+def rerender(path: str) -> Dict[str, Any]:
+    """Summarise and print a saved ``--json`` again (e.g. after a change to the table)."""
+    saved = json.loads(Path(path).read_text())
+    cfg = saved["config"]
+    args = argparse.Namespace(**{k: v for k, v in cfg.items() if k != "environment"})
+    reps = cfg["reps"]
+    per_rep = [{r["name"]: r["per_rep"][i] for r in saved["rows"] if r["per_rep"][i]}
+               for i in range(reps)]
+    measured = {"per_rep": per_rep, "jobs": saved["jobs"],
+                "horovod_settings": saved["horovod_settings"], "failures": saved["failures"]}
+    payload = dict(saved, rows=summarise(args, measured))
+    payload["targets"] = check_targets(args, payload["rows"])
+    print(render(payload), flush=True)
     return payload
 
 

@@ -53,7 +53,8 @@ _hvd_default HOROVOD_FUSION_THRESHOLD 67108864
 # ms between Horovod's background cycles. Horovod's default is 1; EASGD makes one allreduce every
 # tau steps, so hvd-easgd uses 20 (hvd_easgd/tuning.py: fewer negotiation round trips and
 # wake-ups competing with training, at most 20 ms of delay per round). HVD_EASGD_TUNE=0 leaves
-# it to Horovod; for a sync-SGD-only job (hvd.DistributedOptimizer) export 1.
+# it to Horovod. On GPUs, for synchronous SGD (hvd.DistributedOptimizer) or sync EASGD with a
+# small tau, export a shorter cycle (1-5 ms): there a step takes only tens of milliseconds.
 case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
     0|false|no|off) ;;
     *) _hvd_default HOROVOD_CYCLE_TIME 20 ;;

@@ -298,3 +298,47 @@ def test_dry_run_names_the_settings_on_stderr(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"HOROVOD_CYCLE_TIME={CYCLE}" in proc.stderr
     assert "HOROVOD_CYCLE_TIME" not in proc.stdout  # the printed command itself is unchanged
+
+
+def test_check_predicts_every_row_from_the_probe(tmp_path, monkeypatch):
+    # A baselines.py JSON with one row of each kind, and a probe that measured exactly the
+    # ring model with a known bandwidth and latency: the predictions are the formulas.
+    p, batch, nbytes = 2, 32, 100 * 2**20
+    limit = 400.0  # samples/s of the physical limit: t_c = 64 / 400 = 0.16 s per step
+    rows = [{"name": name, "tau": tau, "median_samples_per_sec": sps}
+            for name, tau, sps in [("plain-nocomm", None, limit), ("torch-ddp", None, 200.0),
+                                   ("torch-averager-tau16", 16, 380.0), ("hvd-sgd", None, 150.0),
+                                   ("easgd-sync-tau16", 16, 370.0),
+                                   ("easgd-async-tau16", 16, 390.0),
+                                   ("hvd-nocomm@tuned", None, 390.0)]]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({
+        "config": {"np": p, "batch": batch, "param_bytes": nbytes},
+        "rows": rows,
+        "horovod_settings": {"hvd-default": {"HOROVOD_CYCLE_TIME": "1"},
+                             "hvd-easgd": {"HOROVOD_CYCLE_TIME": "20"}}}))
+    bw, lat, pass_s = 2e9, 50e-6, 0.01
+    sizes = [8, 1 << 20, nbytes]
+    monkeypatch.setattr(sm, "run_probe", lambda p_, b_, c_: {
+        "size": p_, "pass_seconds": pass_s,
+        "allreduce": {str(b): sm.ring_allreduce_seconds(b, p_, bw, lat) for b in sizes}})
+    result = sm.check(sm.parse_args(["--check", str(path), "--check-math-passes", "4"]))
+    (r,) = result["check"]
+    assert r["fit"]["bandwidth"] == pytest.approx(bw) and r["fit"]["latency"] == pytest.approx(lat)
+    t_c, t_ar = 0.16, sm.ring_allreduce_seconds(nbytes, p, bw, lat)
+    assert r["compute_ms"] == pytest.approx(160.0)
+    pred = {x["name"]: x for x in r["rows"]}
+    assert set(pred) == {"torch-ddp", "torch-averager-tau16", "hvd-sgd", "easgd-sync-tau16",
+                         "easgd-async-tau16"}
+    sync = t_c + (0.010 + t_ar + 4 * pass_s) / 16
+    assert pred["easgd-sync-tau16"]["predicted_ideal"] == pytest.approx(64 / sync)
+    assert pred["easgd-async-tau16"]["predicted_ideal"] == pytest.approx(
+        64 / sm.easgd_async_step(t_c, t_ar, 16, 4 * pass_s, 0.010))
+    assert pred["easgd-async-tau16"]["predicted_exposed"] == pytest.approx(
+        64 / (t_c + (t_ar + 4 * pass_s) / 16))
+    assert pred["hvd-sgd"]["predicted_exposed"] == pytest.approx(64 / (t_c + t_ar + 0.0005))
+    assert pred["torch-ddp"]["predicted_ideal"] == pytest.approx(
+        64 / sm.sync_sgd_step(t_c, t_ar, 0.5))
+    for x in pred.values():
+        assert x["predicted_exposed"] <= x["predicted_ideal"] + 1e-9
+        assert x["error_vs_ideal"] == pytest.approx(x["measured"] / x["predicted_ideal"] - 1)
