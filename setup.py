@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "hvd-easgd-train=hvd_easgd.train:main",
             "hvd-easgd-plot=hvd_easgd.plot:main",
+            "hvd-easgd-sweep=hvd_easgd.sweep:main",
         ],
     },
     classifiers=[

@@ -252,7 +252,7 @@ def wait_submitted(opt: Any, rounds: int, timeout: float = 300.0) -> None:
 
 
 def summarise(variant: Variant, runs: List[Dict[str, float]], samples_per_step: int,
-              wire_param_bytes: int, header_bytes: int = 0) -> Dict[str, Any]:
+              wire_param_bytes: int) -> Dict[str, Any]:
     steps = sum(r["steps"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
     total_bytes = sum(r["bytes"] for r in runs)
@@ -283,8 +283,7 @@ def summarise(variant: Variant, runs: List[Dict[str, float]], samples_per_step: 
     )
     # Exact integer check of the communication volume: bytes * tau == parameter bytes * steps.
     if variant.kind == "elastic":
-        # A round is the parameters plus one finiteness flag per worker (hvd_easgd.center).
-        row["bytes_exact"] = total_bytes * tau == (wire_param_bytes + header_bytes) * steps
+        row["bytes_exact"] = total_bytes * tau == wire_param_bytes * steps
         row["bytes_fraction_of_params"] = total_bytes * tau / (wire_param_bytes * steps)
     elif variant.kind == "horovod":
         row["bytes_exact"] = total_bytes == wire_param_bytes * steps
@@ -396,8 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         meter.close()
 
     samples_per_step = size * batch_size
-    header = size * (2 if args.compression == "fp16" else 4)  # the round's flags, one per worker
-    rows = {v.name: summarise(v, runs[v.name], samples_per_step, wire_bytes, header)
+    rows = {v.name: summarise(v, runs[v.name], samples_per_step, wire_bytes)
             for v in variants}
     reference = rows["no-comm"]["samples_per_sec"]
     add_ratios(rows, reference)

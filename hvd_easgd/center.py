@@ -2,10 +2,9 @@
 
 :class:`CenterState` owns the flat buffers of one :class:`~hvd_easgd.ElasticOptimizer`: this
 worker's replica of the center, MDOWNPOUR's master velocity, ADOWNPOUR/MVADOWNPOUR's averaged
-center, and the round buffers that go on the wire. The first group's round buffer carries a
-*header* after the model's values: one slot per worker, where each worker writes whether its own
-contribution is non-finite, so the round's single allreduce also tells every worker who sent
-NaN/inf (see :meth:`CenterState.seal`).
+center, and the round buffers that go on the wire. A round buffer holds exactly the model's
+values: a NaN/inf contribution shows in the round's sum, which every worker checks before applying
+it (:meth:`CenterState.round_is_finite`); only then do the workers ask each other who sent it.
 
 :func:`pack_state_dict` / :func:`unpack_state_dict` put the center into the local optimizer's
 ``state_dict`` (per parameter, like timm's Lookahead keeps its slow weights) so checkpoints and
@@ -53,7 +52,7 @@ class CenterState:
         self.velocity_views = self.views_of(self.velocity)
         self.average_views = self.views_of(self.averages)
         self.slots = slots
-        self.header = 0
+        self.outer: Optional[torch.optim.Optimizer] = None  # hvd_easgd.outer: moves the center
         self.rounds: List[List[torch.Tensor]] = []
         self.round_views: List[Views] = []
 
@@ -65,18 +64,14 @@ class CenterState:
 
     # ------------------------------------------------------------------ round buffers
 
-    def set_header(self, world_size: int) -> None:
-        """(Re)allocate the round buffers with one header slot per worker."""
-        self.header = world_size
-        self.rounds, self.round_views = [], []
+    def allocate_rounds(self) -> None:
+        """Allocate the round buffers (once): one flat buffer per group and slot, nothing more."""
+        if self.rounds:
+            return
         for _ in range(self.slots):
-            bufs = [
-                torch.zeros(g.numel + (world_size if gi == 0 else 0), dtype=g.dtype,
-                            device=g.device)
-                for gi, g in enumerate(self.groups)
-            ]
+            bufs = [torch.zeros(g.numel, dtype=g.dtype, device=g.device) for g in self.groups]
             self.rounds.append(bufs)
-            self.round_views.append([g.views(b[:g.numel]) for g, b in zip(self.groups, bufs)])
+            self.round_views.append([g.views(b) for g, b in zip(self.groups, bufs)])
 
     def snapshot(self, slot: int) -> None:
         """Copy the live parameters (and buffers) into round buffer ``slot``."""
@@ -84,41 +79,32 @@ class CenterState:
             g.gather(views)
 
     @torch.no_grad()
-    def seal(self, slot: int, rank: int, from_live: bool = False) -> None:
-        """Turn the snapshot into ``d = snapshot - center`` and mark the header.
+    def seal(self, slot: int, from_live: bool = False) -> None:
+        """Turn the snapshot into ``d = snapshot - center``.
 
         ``from_live``: there is no snapshot; ``d = x - center`` is written straight from the
-        live tensors (one pass instead of a copy and a subtraction). Slot ``rank`` of the
-        header gets 1 when this worker's ``d`` holds a NaN or an inf (one summing pass, on the
-        device: no host synchronisation), else 0.
+        live tensors (one pass instead of a copy and a subtraction).
         """
-        bad = None
-        for gi, (g, buf, center) in enumerate(zip(self.groups, self.rounds[slot], self.centers)):
-            values = buf[:g.numel]
+        for gi, (buf, center) in enumerate(zip(self.rounds[slot], self.centers)):
             if from_live:
-                for live, c, out in zip(g.tensors, self.center_views[gi], self.round_views[slot][gi]):
+                for live, c, out in zip(self.groups[gi].tensors, self.center_views[gi],
+                                        self.round_views[slot][gi]):
                     torch.sub(live, c, out=out)
             else:
-                values.sub_(center)
-            flag = torch.isfinite(values.sum()).logical_not()
-            bad = flag if bad is None else bad.logical_or(flag.to(bad.device))
-        header = self.rounds[slot][0][self.groups[0].numel:]
-        header.zero_()
-        header[rank] = bad
+                buf.sub_(center)
 
-    def bad_ranks(self, totals: Sequence[torch.Tensor], check_totals: bool) -> List[int]:
-        """Ranks whose contribution to this round was not finite (from the summed header).
+    @staticmethod
+    def round_is_finite(totals: Sequence[torch.Tensor]) -> bool:
+        """Whether a round's sums hold no NaN/inf (one summing pass per flat buffer).
 
-        With ``check_totals`` (a lossy wire format such as fp16), a round whose contributions
-        were all finite but whose sum is not (an overflow on the wire) gives ``[-1]``.
+        A non-finite contribution from any worker makes the sum non-finite, so this one check on
+        the totals, identical on every worker, tells all of them whether to apply the round.
         """
-        header = totals[0][self.groups[0].numel:self.groups[0].numel + self.header]
-        bad = [int(r) for r in torch.nonzero(header).flatten().tolist()]
-        if not bad and check_totals:
-            for g, total in zip(self.groups, totals):
-                if not bool(torch.isfinite(total[:g.numel].sum())):
-                    return [-1]
-        return bad
+        return all(bool(torch.isfinite(t.sum())) for t in totals if t.numel())
+
+    def locally_finite(self, slot: int) -> bool:
+        """Whether this worker's own contribution to round ``slot`` was finite."""
+        return all(bool(torch.isfinite(b.sum())) for b in self.rounds[slot] if b.numel())
 
     # ------------------------------------------------------------------ center <-> live
 
@@ -163,6 +149,7 @@ class Commit:
     tensors: List[torch.Tensor]
     local_state: Dict[str, Any]
     counters: Counters
+    outer_state: Optional[Dict[str, Any]] = None  # the outer optimizer's (hvd_easgd.outer)
 
 
 @torch.no_grad()
@@ -177,10 +164,15 @@ def take_commit(state: CenterState, local: torch.optim.Optimizer, counters: Coun
     else:
         live, tensors = reuse.live, reuse.tensors
         local_state = copy_into(reuse.local_state, local.state_dict())
+    outer_state = None
+    if state.outer is not None:
+        outer_state = copy_into(reuse.outer_state if reuse is not None else None,
+                                state.outer.state_dict())
     for g, flat in zip(state.groups, live):
         g.gather(g.views(flat))
     torch._foreach_copy_(tensors, state.tensors())
-    return Commit(live=live, tensors=tensors, local_state=local_state, counters=replace(counters))
+    return Commit(live=live, tensors=tensors, local_state=local_state, counters=replace(counters),
+                  outer_state=outer_state)
 
 
 def copy_into(saved: Any, current: Any) -> Any:
@@ -212,6 +204,8 @@ def restore_commit(state: CenterState, local: torch.optim.Optimizer, commit: Com
     # A deep copy: torch's load_state_dict may keep the very tensors it is given, and the
     # commit must survive the steps that follow (a second failure restores it again).
     local.load_state_dict(copy.deepcopy(commit.local_state))
+    if state.outer is not None and commit.outer_state is not None:
+        state.outer.load_state_dict(copy.deepcopy(commit.outer_state))
     return replace(commit.counters)
 
 

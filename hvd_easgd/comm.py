@@ -47,7 +47,11 @@ class ExchangeStats:
     is still on the wire at the next round step (or at ``synchronize()``).
     ``skipped_rounds`` counts rounds that no worker applied because some worker's contribution
     was not finite; ``dropped_rounds`` rounds abandoned by a Horovod Elastic reset; ``resets``
-    the resets this optimizer went through.
+    the resets this optimizer went through. ``cross_group_bytes`` counts the bytes this worker
+    hands to collectives that span groups of workers (every round's bytes, unless
+    ``hierarchy=`` splits a round into slices); ``group_bytes`` those that stay inside its group
+    (``hierarchy=``: gradient allreduces and the allgather of a round's slices); see
+    :mod:`hvd_easgd.hierarchy`.
     """
 
     steps: int = 0
@@ -60,6 +64,8 @@ class ExchangeStats:
     skipped_rounds: int = 0
     dropped_rounds: int = 0
     resets: int = 0
+    cross_group_bytes: int = 0
+    group_bytes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,23 +104,31 @@ class Communicator:
         self.compression = compression
         self.name = name
         self.stats = stats
+        self.process_set = hvd.global_process_set  # hvd_easgd.hierarchy: EASGD among a set
 
     def start(self, tensors: Sequence[torch.Tensor], round_index: int) -> Pending:
         compressed, contexts = zip(*(self.compression.compress(t) for t in tensors))
+        # Horovod has no bfloat16 collectives: such buffers travel as float32
+        contexts = tuple((c, t.dtype) for c, t in zip(contexts, compressed))
+        compressed = [t.float() if t.dtype == torch.bfloat16 else t for t in compressed]
         started = time.perf_counter()
         # Looked up on the module at call time, so tests can count real collective calls.
         handle = hvd.grouped_allreduce_async(
-            list(compressed), op=hvd.Sum, name=f"{self.name}.round{round_index}"
+            list(compressed), op=hvd.Sum, name=f"{self.name}.round{round_index}",
+            process_set=self.process_set,
         )
+        sent = sum(t.numel() * t.element_size() for t in compressed)
         self.stats.allreduce_calls += 1
-        self.stats.bytes_communicated += sum(t.numel() * t.element_size() for t in compressed)
+        self.stats.bytes_communicated += sent
+        self.stats.cross_group_bytes += sent
         return Pending(handle, tuple(contexts), started)
 
     def wait(
         self, pending: Pending, cancelled: Callable[[], bool] = lambda: False
     ) -> List[torch.Tensor]:
         outputs = wait_for_handle(pending.handle, cancelled)
-        result = [self.compression.decompress(o, c) for o, c in zip(outputs, pending.contexts)]
+        result = [self.compression.decompress(o.to(dtype), c)
+                  for o, (c, dtype) in zip(outputs, pending.contexts)]
         self.stats.comm_seconds += time.perf_counter() - pending.started
         return result
 

@@ -29,8 +29,9 @@ BASE_KEY = "_base_"
 
 METHODS = (
     "easgd", "eamsgd", "downpour", "mdownpour", "average", "adownpour", "mvadownpour",
-    "sync_sgd", "sgd", "msgd",
+    "sync_sgd", "sgd", "msgd", "diloco",
 )
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
 SINGLE_WORKER_METHODS = ("sgd", "msgd")
 MODES = ("sync", "async")
 DATASETS = ("digits", "cifar10", "imagenet", "fake")
@@ -90,6 +91,10 @@ class OptimizerConfig:
     moving_rate: float = 0.001  # mvadownpour: rate of the moving average of the center
     compression: str = "none"  # none | fp16 (communication only; the center stays fp32)
     average_buffers: bool = True  # average floating-point buffers (BatchNorm statistics) each round
+    local_optimizer: str = "sgd"  # sgd | adamw (DiLoCo's inner optimizer; momentum is then unused)
+    outer_lr: float = 0.7  # diloco: learning rate of the outer Nesterov SGD that moves the center
+    outer_momentum: float = 0.9  # diloco: its momentum
+    hierarchy: Optional[str] = None  # null | host | explicit groups of ranks, "0,1;2,3": sync SGD inside a group, EASGD between groups
     nonfinite_patience: int = 3  # consecutive rounds (optimizer) / steps (training loss) with NaN/inf before stopping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -99,7 +104,9 @@ class TrainConfig:
     batch_size: int = 128  # per worker
     epochs: float = 1.0  # passes over each worker's shard; ignored when max_steps is set
     max_steps: Optional[int] = None  # total local steps per worker
-    seed: int = 0
+    max_time: Optional[float] = None  # seconds of training (wall_time); stop at the first check past it
+    seed: int = 0  # data order, dropout and, unless init_seed is set, the model's initialisation
+    init_seed: Optional[int] = None  # the model's initialisation alone (sweeps: same init, other data orders)
     device: str = "auto"  # auto | cpu | cuda (cuda: one GPU per worker, by local rank)
     threads: int = 0  # torch intra-op threads per worker (0: leave torch's default)
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -141,6 +148,14 @@ class LaunchConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Read by `hvd-easgd-sweep` only (hvd_easgd/sweep.py); the trainer ignores it."""
+
+    lrs: List[float] = field(default_factory=list)  # optimizer.lr values to try (empty: no grid)
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # train.seed (data order) per run
+
+
+@dataclass
 class Config:
     name: Optional[str] = None  # run name (default: the recipe's file name without .yaml)
     run_dir: Optional[str] = None  # default: runs/<name>
@@ -152,6 +167,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +360,8 @@ _NUMBER_RULES = {
     "optimizer.weight_decay": ">= 0", "optimizer.momentum": ">= 0",
     "optimizer.schedule.warmup_epochs": ">= 0",
     "train.batch_size": "> 0", "train.eval_batch_size": "> 0", "train.epochs": "> 0",
-    "train.max_steps": "> 0 or null", "train.eval_every": ">= 0", "train.max_eval_batches": "> 0 or null",
+    "train.max_steps": "> 0 or null", "train.max_time": "> 0 or null",
+    "train.init_seed": ">= 0 or null", "train.eval_every": ">= 0", "train.max_eval_batches": "> 0 or null",
     "log.every": "> 0", "checkpoint.every": ">= 0", "checkpoint.keep": "> 0", "launch.np": "> 0 or null",
     "optimizer.nonfinite_patience": "> 0", "elastic.commit_every": "> 0",
     "train.divergence_factor": ">= 0", "log.console_seconds": ">= 0",
@@ -371,6 +388,16 @@ def validate(cfg: DictConfig) -> None:
 
     choice("optimizer.method", cfg.optimizer.method, METHODS)
     choice("optimizer.mode", cfg.optimizer.mode, MODES)
+    choice("optimizer.local_optimizer", cfg.optimizer.local_optimizer, LOCAL_OPTIMIZERS)
+    if cfg.optimizer.method == "diloco" and cfg.optimizer.alpha is not None:
+        raise ConfigError(
+            "optimizer.method=diloco has no elastic coefficient (workers restart from the center "
+            "every round): set optimizer.alpha to null and tune optimizer.outer_lr / "
+            "optimizer.outer_momentum instead (optimizer.beta is ignored)"
+        )
+    parse_hierarchy(cfg.optimizer.hierarchy)
+    if cfg.optimizer.outer_lr <= 0 or not 0 <= cfg.optimizer.outer_momentum < 1:
+        raise ConfigError("'optimizer.outer_lr' must be > 0 and 'optimizer.outer_momentum' in [0, 1)")
     choice("optimizer.compression", cfg.optimizer.compression, COMPRESSIONS)
     choice("optimizer.schedule.name", cfg.optimizer.schedule.name, SCHEDULES)
     choice("data.name", cfg.data.name, DATASETS)
@@ -398,6 +425,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'optimizer.schedule.warmup_start_factor' must lie in (0, 1]")
     if list(cfg.optimizer.schedule.milestones) != sorted(cfg.optimizer.schedule.milestones):
         raise ConfigError("'optimizer.schedule.milestones' must be increasing (epochs)")
+    _validate_sweep(cfg)
     lo, hi = cfg.elastic.min_np, cfg.elastic.max_np
     if lo is not None and hi is not None and lo > hi:
         raise ConfigError(f"'elastic.min_np' ({lo}) must be <= 'elastic.max_np' ({hi})")
@@ -405,6 +433,32 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"'data.fake_image_shape' must be [channels, height, width], got {list(cfg.data.fake_image_shape)}"
         )
+
+
+def parse_hierarchy(value: Optional[str]):
+    """``optimizer.hierarchy``: None, ``"host"`` or groups of ranks ``"0,1;2,3"`` as lists."""
+    if value is None or value == "host":
+        return value
+    try:
+        groups = [[int(r) for r in group.split(",")] for group in str(value).split(";")]
+    except ValueError:
+        raise ConfigError(
+            f"'optimizer.hierarchy' is {value!r}; use null, host, or groups of ranks separated "
+            f"by ';', e.g. '0,1;2,3'") from None
+    return groups
+
+
+def _validate_sweep(cfg: DictConfig) -> None:
+    lrs, seeds = list(cfg.sweep.lrs), list(cfg.sweep.seeds)
+    if any(lr <= 0 for lr in lrs):
+        raise ConfigError(f"'sweep.lrs' must hold learning rates > 0, got {lrs}")
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"'sweep.seeds' must hold seeds >= 0, got {seeds}")
+    for key, values in (("sweep.lrs", lrs), ("sweep.seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"'{key}' lists a value twice: {values}; list each once")
+    if not seeds:
+        raise ConfigError("'sweep.seeds' is empty; give at least one seed, e.g. [0, 1, 2]")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -441,7 +495,7 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
-    "LogConfig", "CheckpointConfig", "LaunchConfig", "ConfigError", "load_config",
+    "LogConfig", "CheckpointConfig", "LaunchConfig", "SweepConfig", "ConfigError", "load_config",
     "config_from_dict", "apply_overrides", "validate", "valid_keys", "save_config", "to_yaml",
     "to_dict", "diff_configs", "METHODS", "MODES", "SINGLE_WORKER_METHODS", "DictConfig", "ListConfig",
 ]

@@ -17,6 +17,8 @@ fp16, and ``sum_i alpha * (x_i - c)`` is exactly the paper's symmetric elastic f
   ``v <- m * v + total``, ``c <- c + total + m * v``.
 - ``average`` (periodic model averaging, "local SGD"): ``c <- c + total / p`` (= ``mean_i x_i``)
   and every worker restarts from it.
+- ``diloco``: like ``average``, but the center takes one step of an outer optimizer on the
+  outer gradient ``-total / p``; that rule is :class:`hvd_easgd.outer.OuterRule`, not this one.
 
 The pulling methods restart a worker from the center by adding ``delta_c - d`` to its current
 parameters. In async mode their snapshot is taken after the previous round has landed, so ``d``
@@ -32,7 +34,7 @@ from typing import Optional
 
 import torch
 
-METHODS = ("easgd", "downpour", "mdownpour", "average")
+METHODS = ("easgd", "downpour", "mdownpour", "average", "diloco")
 CENTER_AVERAGES = ("running", "moving")
 
 
@@ -48,6 +50,9 @@ class ElasticRule:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "diloco":
+            raise ValueError("diloco's center moves by an outer optimizer: use "
+                             "hvd_easgd.outer.OuterRule")
 
     @property
     def snapshot_before_step(self) -> bool:

@@ -8,7 +8,8 @@ to the TensorBoard event files) with the keys
     step, epoch, wall_time, samples                       always
     train/loss, lr, samples_per_sec, workers,
     comm/seconds_per_round, comm/wait_seconds, comm/bytes,
-    comm/skipped_rounds, distance_to_center                at training log events
+    comm/skipped_rounds, comm/cross_group_bytes,
+    distance_to_center                                     at training log events
     center/test_error, center/test_loss,
     local/test_error, local/test_loss                      at evaluations
 
@@ -17,7 +18,8 @@ started, excluding evaluation and checkpoint time and continued across `--resume
 against it); `samples` is the number of training samples processed by all workers together;
 `*/test_error` is a fraction in [0, 1]; `workers` is hvd.size() (it changes under Horovod
 Elastic); `comm/skipped_rounds` counts rounds no worker applied because some worker's
-contribution was NaN/inf; `comm/bytes` is the cumulative number of bytes this worker
+contribution was NaN/inf; `comm/cross_group_bytes` is the part of `comm/bytes` handed to
+collectives between groups (with `optimizer.hierarchy`: the bytes on the slow links); `comm/bytes` is the cumulative number of bytes this worker
 (rank 0) sent in exchanges since the run started; `comm/wait_seconds` is the cumulative time the
 training thread waited for communication; `comm/seconds_per_round` is the mean duration of one
 exchange round over the last log interval. TensorBoard gets the same scalars with `global_step =
@@ -41,7 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 KEYS = (
     "train/loss", "center/test_error", "center/test_loss", "local/test_error", "local/test_loss",
     "lr", "samples_per_sec", "workers", "comm/seconds_per_round", "comm/wait_seconds", "comm/bytes",
-    "comm/skipped_rounds", "distance_to_center",
+    "comm/skipped_rounds", "comm/cross_group_bytes", "distance_to_center",
 )
 BASE_KEYS = ("step", "epoch", "wall_time", "samples")
 

@@ -35,9 +35,14 @@ from hvd_easgd.checks import (
     DEFAULT_BETA, check_options, check_patience, check_tau, float_buffers, name_parameters,
     resolve_coefficients, signature,
 )
-from hvd_easgd.comm import BackgroundExchange, Communicator, ExchangeStats
+from hvd_easgd.comm import BackgroundExchange, ExchangeStats
 from hvd_easgd.elastic import ElasticRule, buffer_rule, update_center_average
 from hvd_easgd.flat import group_tensors
+from hvd_easgd import hierarchy as hier
+from hvd_easgd.outer import (
+    OuterFactory, OuterRule, build_outer, center_parameters, check_outer_options, describe,
+    nesterov, outer_state,
+)
 
 __all__ = ["ElasticOptimizer", "DistributedOptimizer", "DEFAULT_BETA", "MODES"]
 
@@ -63,8 +68,11 @@ class ElasticOptimizer(torch.optim.Optimizer):
         alpha: the elastic coefficient instead of ``beta`` (then ``beta = p * alpha``). Under
             Horovod Elastic alpha stays fixed and beta follows p; a reset to so many workers
             that ``p * alpha > 1`` raises.
-        method: ``"easgd"``, ``"downpour"``, ``"mdownpour"`` or ``"average"`` (local SGD); see
-            :mod:`hvd_easgd.elastic` for the exact rules.
+        method: ``"easgd"``, ``"downpour"``, ``"mdownpour"``, ``"average"`` (local SGD) or
+            ``"diloco"``; see :mod:`hvd_easgd.elastic` and :mod:`hvd_easgd.outer` for the
+            exact rules. ``"diloco"`` takes no ``alpha``/``beta``: its center moves by
+            ``outer_optimizer`` (default Nesterov SGD, lr 0.7, momentum 0.9) and every worker
+            restarts from the center after each round.
         mode: ``"sync"`` applies each round at once; ``"async"`` waits for the round's
             allreduce on a background thread and applies it at the next round (``tau`` steps
             later) or at :meth:`synchronize`, so training does not wait for communication.
@@ -84,6 +92,19 @@ class ElasticOptimizer(torch.optim.Optimizer):
             by nobody, and those workers restart from the center with fresh optimizer state;
             after this many such rounds in a row every worker raises
             :class:`~hvd_easgd.recovery.NonFiniteError`.
+        outer_optimizer: a factory ``params -> torch.optim.Optimizer`` that moves the center
+            (``method="easgd"`` or ``"diloco"``), e.g. ``lambda params: torch.optim.SGD(params,
+            lr=0.7, momentum=0.9, nesterov=True)``; it is called with the center's tensors and
+            stepped with the outer gradient ``c - mean_i x_i``. Its state travels in
+            :meth:`state_dict` and Horovod Elastic commits; it is ``opt.outer_optimizer`` (for
+            an LR scheduler). Default: EASGD's own rule (``c += beta * (mean_i x_i - c)``).
+        hierarchy: ``"host"`` or lists of global ranks (``[[0, 1], [2, 3]]``): the workers of
+            a group (a node) train as one synchronous-SGD worker (gradients averaged over the
+            group every step), and the groups do EASGD rounds with ``alpha = beta / groups``,
+            each worker exchanging a 1/n slice of the round; see :mod:`hvd_easgd.hierarchy`.
+            Needs Horovod process sets (``hvd.init(process_sets="dynamic")``).
+        process_set: a registered ``hvd.ProcessSet``: EASGD among its members only (construct
+            the optimizer on the members alone).
         check_consistency: check that every worker has the same parameter names, shapes,
             dtypes and EASGD settings (one small allgather at construction, or at the first
             Horovod Elastic sync).
@@ -111,13 +132,18 @@ class ElasticOptimizer(torch.optim.Optimizer):
         master_momentum: float = 0.0,
         nonfinite_patience: int = 3,
         check_consistency: bool = True,
+        outer_optimizer: Optional[OuterFactory] = None,
+        hierarchy: Any = None,
+        process_set: Any = None,
     ) -> None:
+        check_outer_options(method, outer_optimizer, alpha, beta)
         check_options(optimizer, ElasticOptimizer, method=method, mode=mode, modes=MODES,
                       center_average=center_average, center_average_rate=center_average_rate,
                       master_momentum=master_momentum, compression=compression)
         self.tau = check_tau(tau)
         self._coefficients = (alpha, beta)
-        resolve_coefficients(alpha, beta, hvd.size())  # raises early on a bad value
+        self.topology = hier.resolve(hierarchy, process_set, recovery.elastic_launch())
+        resolve_coefficients(alpha, beta, self._peers())  # raises early on a bad value
         self.method, self.mode, self.center_average = method, mode, center_average
         self.center_average_rate = float(center_average_rate)
         self.master_momentum = float(master_momentum)
@@ -138,8 +164,14 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self._groups, velocity=method == "mdownpour", average=center_average is not None,
             slots=2 if self.mode == "async" else 1,
         )
+        if outer_optimizer is None and method == "diloco":
+            outer_optimizer = nesterov()
+        self.outer_optimizer = None if outer_optimizer is None else build_outer(
+            outer_optimizer, center_parameters(self._groups, self.buffers.center_views))
+        self.buffers.outer = self.outer_optimizer
         self.stats = ExchangeStats()
-        self.communicator = Communicator(compression, f"hvd_easgd.{next(_instance_ids)}", self.stats)
+        self.communicator = hier.make_communicator(
+            self.topology, compression, f"hvd_easgd.{next(_instance_ids)}", self.stats)
         self._exchange = BackgroundExchange(self.communicator) if mode == "async" else None
         self.counters = Counters()
         self._slot_in_flight: Optional[int] = None
@@ -149,10 +181,15 @@ class ElasticOptimizer(torch.optim.Optimizer):
         # Under Horovod Elastic, collectives here could deadlock a joining worker against the
         # others' state sync: the first hvd.elastic sync does the check and the broadcast.
         self.synced = not recovery.elastic_launch()
-        if self.synced:
+        if self.synced and self.topology is not None and self.topology.group_set is None:
+            hier.start_workers(self.topology, [t for _, t in named + buffers], self.signature(),
+                               self.communicator.name)  # EASGD among a process set's members
+        elif self.synced:
             if self.check_consistency:
                 recovery.check_everyone(self)
-            hvd.broadcast_parameters(named + buffers, root_rank=0)
+            # (Horovod has no bfloat16 collectives: those go bit for bit as int16)
+            hvd.broadcast_parameters([(n, t.detach().view(torch.int16) if t.dtype == torch.bfloat16
+                                       else t) for n, t in named + buffers], root_rank=0)
         self.buffers.reset_from_live()
         self._at_exit = _close_at_exit(weakref.ref(self))
         atexit.register(self._at_exit)
@@ -168,6 +205,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             "compression": getattr(self.communicator.compression, "__name__",
                                    type(self.communicator.compression).__name__),
             "nonfinite_patience": self.nonfinite_patience,
+            "outer_optimizer": describe(self.outer_optimizer),
+            "hierarchy": None if self.topology is None else self.topology.describe(),
         }
 
     def signature(self) -> tuple:
@@ -176,20 +215,29 @@ class ElasticOptimizer(torch.optim.Optimizer):
     @property
     def alpha(self) -> float:
         """The elastic coefficient for the current number of workers (``beta / p``)."""
-        return resolve_coefficients(*self._coefficients, hvd.size())[0]
+        return resolve_coefficients(*self._coefficients, self._peers())[0]
 
     @property
     def beta(self) -> float:
         """The center's moving rate for the current number of workers (``p * alpha``)."""
-        return resolve_coefficients(*self._coefficients, hvd.size())[1]
+        return resolve_coefficients(*self._coefficients, self._peers())[1]
+
+    def _peers(self) -> int:
+        """EASGD's p: the workers, or the groups of ``hierarchy=`` / members of ``process_set=``."""
+        return hvd.size() if self.topology is None else self.topology.num_groups
 
     def _configure_world(self) -> None:
         """Everything that depends on the number of workers and this worker's rank."""
         size, rank = hvd.size(), hvd.rank()
-        alpha, _ = resolve_coefficients(*self._coefficients, size)
-        self.rule = ElasticRule(self.method, alpha, size, self.master_momentum)
-        self._buffer_rule = buffer_rule(size)
-        self.buffers.set_header(size)
+        peers = self._peers()
+        alpha, _ = resolve_coefficients(*self._coefficients, peers)
+        if self.outer_optimizer is None:
+            self.rule = ElasticRule(self.method, alpha, peers, self.master_momentum)
+        else:
+            self.rule = OuterRule(self.method, alpha, peers, self.outer_optimizer, self._groups,
+                                  self.buffers.centers, self.buffers.center_views)
+        self._buffer_rule = buffer_rule(peers)
+        self.buffers.allocate_rounds()
         self.world = (size, rank)
 
     # ------------------------------------------------------------------ the algorithm
@@ -207,6 +255,12 @@ class ElasticOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One local optimizer step; at every ``tau``-th step, also a communication round."""
         self._raise_if_failed()
+        if self.topology is not None and self.topology.group_set is not None:
+            if closure is not None:
+                raise ValueError("step(closure) with hierarchy=: compute the gradients before "
+                                 "step() (they are averaged over the group first); drop closure")
+            hier.reduce_gradients(self.topology, self._params(), self.stats,
+                                  f"{self.communicator.name}.grads")
         self.counters.step += 1
         self.stats.steps += 1
         if self.counters.step % self.tau:
@@ -246,6 +300,13 @@ class ElasticOptimizer(torch.optim.Optimizer):
             # again the pull the worker has just received (and a worker that has just
             # restarted from the center must not send the values it was restarted from).
             self.buffers.snapshot(slot)
+        else:
+            # Buffers are averaged like a pulling method's parameters whatever the method:
+            # send them as they are after the previous round's average has landed.
+            for group, views in zip(self._groups, self.buffers.round_views[slot]):
+                k = group.num_params
+                if k < len(group.tensors):
+                    torch._foreach_copy_(list(views[k:]), group.tensors[k:])
         self._seal(slot)
         self._exchange.submit(self.buffers.rounds[slot], self.counters.round)
         self._slot_in_flight = slot
@@ -268,7 +329,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
     def _seal(self, slot: int, from_live: bool = False) -> None:
         # d = snapshot - center, against the center this round will be applied to: nothing
         # changes the center between here and the round's application.
-        self.buffers.seal(slot, self.world[1], from_live)
+        self.buffers.seal(slot, from_live)
         self.counters.round += 1
         self.stats.rounds += 1
 
@@ -288,10 +349,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _apply(self, slot: int, totals: Sequence[torch.Tensor]) -> bool:
         """Apply a round that has landed; return whether this worker restarted instead."""
-        lossy = self.communicator.compression is not hvd.Compression.none
-        bad = self.buffers.bad_ranks(totals, lossy)
-        if bad:
-            return recovery.skip_round(self, bad)
+        if not self.buffers.round_is_finite(totals):
+            return recovery.skip_round(self, recovery.nonfinite_ranks(self, slot))
         self.counters.bad_streak = 0
         for gi, group in enumerate(self._groups):
             center, diff, total = self.buffers.centers[gi], self.buffers.rounds[slot][gi], totals[gi]
@@ -383,8 +442,11 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.synchronize()
         settings = {"method": self.method, "mode": self.mode, "tau": self.tau,
                     "alpha": self.alpha, "beta": self.beta, "world_size": self.world[0]}
-        return pack_state_dict(self.optimizer.state_dict(), self.buffers, self._params(),
-                               self.counters, settings)
+        sd = pack_state_dict(self.optimizer.state_dict(), self.buffers, self._params(),
+                             self.counters, settings)
+        if self.outer_optimizer is not None:
+            sd["easgd"]["outer"] = outer_state(self.outer_optimizer)
+        return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore the local optimizer, the center and the counters saved by :meth:`state_dict`.
@@ -409,6 +471,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self.counters = Counters()
             return
         self.counters = unpack_state_dict(self.buffers, params, ours, easgd)
+        if self.outer_optimizer is not None and easgd.get("outer") is not None:
+            self.outer_optimizer.load_state_dict(easgd["outer"])
         if easgd.get("world_size", self.world[0]) != self.world[0]:
             warnings.warn(
                 f"the state dict was saved with {easgd['world_size']} workers and this job has "
@@ -507,10 +571,6 @@ def DistributedOptimizer(  # noqa: N802 - mirrors hvd.DistributedOptimizer
         )
     if op not in (hvd.Average, hvd.Sum):
         raise ValueError(f"op={op!r} is not a gradient reduction EASGD can honour; remove op=")
-    if process_set is not hvd.global_process_set:
-        raise ValueError(
-            "process_set is not supported yet: EASGD runs over all workers; remove process_set="
-        )
     ignored = {
         "backward_passes_per_step": (backward_passes_per_step, 1,
                                      "gradients accumulate locally; call step() once after "
@@ -526,6 +586,8 @@ def DistributedOptimizer(  # noqa: N802 - mirrors hvd.DistributedOptimizer
         if value != default:
             warnings.warn(f"hvd_easgd.DistributedOptimizer ignores {name}={value!r}: {why}",
                           stacklevel=2)
+    if process_set is not hvd.global_process_set:
+        easgd_kwargs["process_set"] = process_set  # EASGD among the set's members
     return ElasticOptimizer(
         optimizer, named_parameters, compression=compression, **easgd_kwargs
     )

@@ -10,12 +10,13 @@ one-line optimizer swap::
 What each of Horovod's events does to the optimizer:
 
 - ``state.commit()`` (``save``): copies the live parameters, the center (and velocity/average),
-  the local optimizer's state and the step/round counters into host memory (:class:`Commit`).
+  the local optimizer's state, the outer optimizer's state (``outer_optimizer``, DiLoCo) and
+  the step/round counters into host memory (:class:`Commit`).
   A round on the wire is not waited for: the commit is the state before it.
 - a lost worker (``HorovodInternalError``, then ``restore``): the round in flight is abandoned
   on every worker (its thread stops at its next poll and nothing joins it), and everything in
   the last commit comes back together.
-- after every reset (``sync``, a collective): alpha, the flag header and every rule follow the
+- after every reset (``sync``, a collective): alpha and every rule follow the
   new ``hvd.size()``; one allgather checks that all workers run the same model and settings and
   finds the survivors; the lowest-ranked survivor broadcasts its committed center and counters,
   so the replicas are bit-identical again. Every worker then restarts from that center (the
@@ -36,10 +37,11 @@ buffers: about 3x the parameter bytes for EASGD with momentum, on top of Horovod
 of the model (``benchmarks/commit_cost.py``: 0.21 and 0.48 of a training step on a 25 M-parameter
 MLP). Commit every few dozen steps, not every step, when the model is large.
 
-**Non-finite workers.** Every round's single allreduce also carries one slot per worker, where
-each writes whether its own contribution is NaN/inf (:meth:`CenterState.seal`). If any is, no
-worker applies the round (the center keeps its last finite value), the bad workers restart from
-the center with fresh local optimizer state, rank 0 and the bad ranks warn, naming them, and
+**Non-finite workers.** A NaN/inf contribution makes the round's sum non-finite, which every
+worker checks before applying it (:meth:`CenterState.round_is_finite`); only then do the
+workers allgather one flag each to learn who sent it. No worker applies the round (the center
+keeps its last finite value), the bad workers restart from the center with fresh local
+optimizer state, rank 0 and the bad ranks warn, naming them, and
 ``opt.stats.skipped_rounds`` counts it. After ``nonfinite_patience`` such rounds in a row every
 worker raises :class:`NonFiniteError`.
 """
@@ -51,6 +53,7 @@ import warnings
 from typing import TYPE_CHECKING, List, Optional
 
 import horovod.torch as hvd
+import torch
 
 from hvd_easgd.center import Commit, Counters, restore_commit, take_commit
 from hvd_easgd.checks import check_signatures
@@ -85,6 +88,22 @@ def check_everyone(opt: "ElasticOptimizer") -> None:
 
 
 # ---------------------------------------------------------------------- non-finite rounds
+
+
+def nonfinite_ranks(opt: "ElasticOptimizer", slot: int) -> List[int]:
+    """Who sent NaN/inf to a round whose sum is not finite: ``[-1]`` if nobody did.
+
+    A collective, but only on this rare path (every worker sees the same non-finite sum), so
+    a normal round carries exactly the parameters.
+    """
+    topology = opt.topology
+    members = list(range(hvd.size())) if topology is None else topology.ranks
+    # EASGD among a process set: only its members take part (a hierarchy spans every rank).
+    peers = (topology.cross_set if topology is not None and topology.group_set is None
+             else hvd.global_process_set)
+    mine = torch.tensor([0 if opt.buffers.locally_finite(slot) else 1], dtype=torch.int32)
+    flags = hvd.allgather(mine, name=f"{opt.communicator.name}.nonfinite", process_set=peers)
+    return [members[i] for i in torch.nonzero(flags).flatten().tolist()] or [-1]
 
 
 def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
@@ -162,6 +181,10 @@ def sync_workers(opt: "ElasticOptimizer") -> None:
         (opt.counters.step, opt.counters.round), root_rank=root,
         name=f"{opt.communicator.name}.sync.counters",
     )
+    if opt.buffers.outer is not None:  # the outer optimizer's momentum is part of the center
+        outer = opt.buffers.outer
+        outer.load_state_dict(hvd.broadcast_object(
+            outer.state_dict(), root_rank=root, name=f"{opt.communicator.name}.sync.outer"))
     opt.buffers.live_from_center()
     if survivor:
         opt.stats.resets += 1

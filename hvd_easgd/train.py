@@ -48,7 +48,12 @@ running / moving (`optimizer.moving_rate`) average of the center) all wrap the l
 `torch.optim.SGD` in `hvd_easgd.ElasticOptimizer`; sync_sgd is Horovod's `hvd.DistributedOptimizer`
 (Nesterov momentum `optimizer.momentum`, 0 for plain SGD); sgd / msgd train one model per worker
 without communication (meant for `-np 1`; with more workers each trains alone on the whole
-training set and rank 0 reports).
+training set and rank 0 reports). diloco (Douillard et al. 2023) restarts every worker from
+the center after each round; the center takes a Nesterov SGD step (`optimizer.outer_lr`,
+`optimizer.outer_momentum`) on the outer gradient `c - mean_i x_i`; with it use
+`optimizer.local_optimizer: adamw` (DiLoCo's inner AdamW; `optimizer.lr` is then AdamW's).
+`optimizer.hierarchy: host` (any elastic method) makes the workers of each host one
+synchronous-SGD group and runs the method between the groups (`hvd_easgd.hierarchy`).
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ ELASTIC = {
     "average": ("average", False, None),
     "adownpour": ("downpour", False, "running"),
     "mvadownpour": ("downpour", False, "moving"),
+    "diloco": ("diloco", False, None),
 }
 
 
@@ -147,6 +153,9 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
     compression = hvd.Compression.fp16 if o.compression == "fp16" else hvd.Compression.none
 
     def sgd(nesterov: bool):
+        if o.local_optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=float(o.lr),
+                                     weight_decay=float(o.weight_decay))
         momentum = float(o.momentum) if nesterov else 0.0
         return torch.optim.SGD(
             model.parameters(), lr=float(o.lr), momentum=momentum,
@@ -172,7 +181,11 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
         named_parameters=model.named_parameters(), tau=int(o.tau), method=wrapper_method,
         mode=o.mode, compression=compression, nonfinite_patience=int(o.nonfinite_patience),
     )
-    if o.alpha is not None:
+    if wrapper_method == "diloco":
+        from hvd_easgd.outer import nesterov as outer_nesterov
+
+        kwargs["outer_optimizer"] = outer_nesterov(float(o.outer_lr), float(o.outer_momentum))
+    elif o.alpha is not None:
         kwargs.update(alpha=float(o.alpha), beta=None)
     else:
         kwargs.update(beta=float(o.beta))
@@ -184,6 +197,10 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
             kwargs["center_average_rate"] = float(o.moving_rate)
     if o.average_buffers and _float_buffers(model):
         kwargs["named_buffers"] = model.named_buffers()
+    if o.hierarchy is not None:
+        from hvd_easgd.config import parse_hierarchy
+
+        kwargs["hierarchy"] = parse_hierarchy(o.hierarchy)
     return hvd_easgd.ElasticOptimizer(sgd(nesterov), **kwargs), "elastic"
 
 
@@ -354,7 +371,7 @@ def build_model_and_optimizer(cfg: DictConfig, bundle, device: torch.device, siz
     worker from the checkpoint's center."""
     from hvd_easgd.models import build_model
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed if cfg.train.init_seed is None else cfg.train.init_seed)
     in_channels, image_size = bundle.input_shape[0], bundle.input_shape[-1]
     model = build_model(cfg.model.name, bundle.num_classes, in_channels=in_channels,
                         image_size=image_size, dropout=cfg.model.dropout).to(device)
@@ -392,6 +409,8 @@ def run(
     cfg = _coerce_config(cfg)
     if not hvd.is_initialized():
         apply_horovod_settings()  # Horovod reads them in init(); yours are kept
+        if cfg.optimizer.hierarchy is not None:  # the optimizer registers its process sets
+            os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
         hvd.init()
     rank, size = hvd.rank(), hvd.size()
     name = cfg.name or "run"

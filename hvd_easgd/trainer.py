@@ -260,6 +260,8 @@ class Trainer:
         if self.on_step is not None:
             self.on_step(step)
         final = step >= self.total_steps
+        if not final and self.out_of_time(step):
+            self.total_steps, final = step, True  # finish() evaluates, checkpoints, exports
         if step % cfg.log.every == 0 or final:
             self.log_train()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not final:
@@ -273,6 +275,22 @@ class Trainer:
         if self.stop_at_step is not None and step >= self.stop_at_step and not final:
             raise TrainingStopped(f"stopped after step {step} (stop_at_step)")
         return False
+
+    def out_of_time(self, step: int) -> bool:
+        """``train.max_time``: checked every ``log.every`` steps; rank 0's training clock
+        decides and one small allreduce tells everyone, so all workers stop after this step."""
+        limit = self.cfg.train.max_time
+        if limit is None or step % self.cfg.log.every != 0:
+            return False
+        self.clock.pause()
+        past = 1.0 if self.rank == 0 and self.clock() >= float(limit) else 0.0
+        stop = allreduce_sum([past], name="hvd_easgd.train.max_time")[0] > 0
+        self.clock.start()
+        if stop:
+            self.summary["stopped_by"] = "train.max_time"
+            self.console.say(f"step {step}: train.max_time={limit:g} s of training reached; "
+                             f"finishing (final evaluation and checkpoint)", always=True)
+        return stop
 
     # ------------------------------------------------------------------ events
 
@@ -339,6 +357,7 @@ class Trainer:
             metrics["comm/wait_seconds"] = stats.get("wait_seconds")
             metrics["comm/bytes"] = stats.get("bytes_communicated")
             metrics["comm/skipped_rounds"] = stats.get("skipped_rounds")
+            metrics["comm/cross_group_bytes"] = stats.get("cross_group_bytes")
             metrics["distance_to_center"] = total[2] / (1 if self.solo else self.size)
         elif self.kind == "sync":
             # hvd.DistributedOptimizer allreduces every gradient at every step; no timers.

@@ -103,6 +103,8 @@ def build_optimizer(case: Case, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=0.05, weight_decay=1e-2)
     if case.opt == "nesterov":
         return torch.optim.SGD(params, lr=0.01, momentum=0.99, nesterov=True, weight_decay=1e-3)
+    if case.opt == "adamw":  # DiLoCo's inner optimizer (tests/test_outer.py)
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=1e-2)
     raise ValueError(case.opt)
 
 
@@ -208,13 +210,17 @@ class Reference:
                     b.copy_(m)
 
     # -- the algorithm --
+    def _backward(self, i: int, t: int) -> float:
+        """Worker i's gradient for step t (HierReference: its group's average)."""
+        return local_backward(self.models[i], self.opts[i], self.case, i, t)
+
     def step(self):
         self.steps += 1
         t = self.steps
         is_round = t % self.case.tau == 0
         ys = []
         for i in range(self.p):
-            self.losses[i].append(local_backward(self.models[i], self.opts[i], self.case, i, t))
+            self.losses[i].append(self._backward(i, t))
             ys.append([x.detach().clone() for x in self._params(i)])
             self.opts[i].step()
         if not is_round:
@@ -331,3 +337,103 @@ def assert_rank_matches(case: "Case", np_: int, r: int, res: dict, ref: dict, to
     if case.center_average:
         d = max_abs_diff(res["avg_center"], ref["avg_center"])
         assert d < tol, f"{case.name}: averaged center differs by {d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Outer optimizers (issue 12): the center moved by a torch.optim optimizer, DiLoCo
+# --------------------------------------------------------------------------------------------
+#
+# The outer gradient of a round is g = c - mean_i x_i (x_i: the snapshot the method uses); the
+# center takes one step of the outer optimizer (built over the center's tensors) on it.
+#   method="easgd" + outer:  x_i <- x_i - alpha*(y_i - c)  (old c);  c <- outer step on g(y)
+#   method="diloco":         local update; c <- outer step on g(x); x_i <- c (sync), or, async,
+#                            x_i <- x_i + (c_new - c_old) - d_i as for the other pulling methods.
+# Case.extra["outer_optimizer"] names one of OUTER_FACTORIES (default "nesterov").
+
+OUTER_FACTORIES = {
+    "nesterov": lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True),
+    "sgd-beta": lambda ps: torch.optim.SGD(ps, lr=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+}
+
+
+class OuterReference(Reference):
+    """:class:`Reference` whose center update is an outer optimizer's step."""
+
+    def __init__(self, case: Case, p: int):
+        proxy = Case.from_dict({**case.to_dict(), "beta": case.beta or 0.9,
+                                "method": "average" if case.method == "diloco" else case.method})
+        super().__init__(proxy, p)
+        self.case = case
+        self.outer = OUTER_FACTORIES[case.extra.get("outer_optimizer", "nesterov")](self.center)
+
+    def _outer_step(self, grads):
+        with torch.no_grad():
+            for c, g in zip(self.center, grads):
+                c.grad = g
+            self.outer.step()
+            for c in self.center:
+                c.grad = None
+
+    def _apply_easgd(self, ys, mean):
+        with torch.no_grad():
+            for i in range(self.p):
+                for x, y, c in zip(self._params(i), ys[i], self.center):
+                    x.sub_(self.alpha * (y - c))
+        self._outer_step([c - m for c, m in zip(self.center, mean)])
+        self.applied += 1
+        self._update_average()
+
+    def _new_center(self, ds):
+        """The new center from d_i = x_i - c (the center itself is left as it was)."""
+        assert self.case.method == "diloco"
+        old = [c.clone() for c in self.center]
+        self._outer_step([-m for m in self._mean(ds)])
+        new = [c.clone() for c in self.center]
+        with torch.no_grad():
+            for c, o in zip(self.center, old):
+                c.copy_(o)
+        return new
+
+
+def outer_reference_result(case: Case, p: int) -> dict:
+    return OuterReference(case, p).run().result()
+
+
+# --------------------------------------------------------------------------------------------
+# Hierarchical EASGD (issue 12): groups train as synchronous SGD, EASGD among the groups
+# --------------------------------------------------------------------------------------------
+#
+# groups: lists of global ranks, all of one size n. Group k keeps ONE model and one local
+# optimizer; at step t its gradient is the mean over its members r of the gradient on
+# make_batch(case, r, t) (the group's synchronous SGD). Every tau steps the m groups do the
+# round of case.method among themselves with alpha = beta / m (p = m above). Every member of a
+# group holds the group's model, so rank r's expected params are those of its group.
+
+
+class HierReference(Reference):
+    def __init__(self, case: Case, groups: List[List[int]]):
+        self.groups = [sorted(g) for g in groups]
+        super().__init__(case, len(self.groups))
+
+    def _backward(self, i: int, t: int) -> float:
+        model, opt = self.models[i], self.opts[i]
+        total, losses = None, []
+        for r in self.groups[i]:
+            opt.zero_grad()
+            loss = loss_fn(model, make_batch(self.case, r, t))
+            loss.backward()
+            losses.append(float(loss.detach()))
+            grads = [p.grad.clone() for p in model.parameters()]
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        for p, g in zip(model.parameters(), total):
+            p.grad = g / len(self.groups[i])
+        return losses[0]
+
+    def rank_params(self, rank: int) -> List[float]:
+        group = next(i for i, g in enumerate(self.groups) if rank in g)
+        return flat(self._params(group))
+
+
+class HierOuterReference(HierReference, OuterReference):
+    """Hierarchical DiLoCo: the groups' round moves the center by an outer optimizer."""

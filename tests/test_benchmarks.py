@@ -45,10 +45,9 @@ def test_throughput_reports_every_variant_and_exact_bytes(tmp_path):
         steps, total = v["total_steps"], v["total_bytes"]
         assert steps >= 4 and v["samples_per_sec"] > 0, name
         if v["kind"] == "elastic":
-            # One fused allreduce of all parameters per round, a round every tau steps; the
-            # round also carries one finiteness flag per worker (2 workers, fp32).
+            # One fused allreduce of exactly the parameters per round, a round every tau steps.
             assert steps % v["tau"] == 0, name
-            assert total * v["tau"] == (pbytes + 2 * 4) * steps, (name, total, steps)
+            assert total * v["tau"] == pbytes * steps, (name, total, steps)
             assert v["total_allreduce_calls"] * v["tau"] == steps, name
         elif v["kind"] == "horovod":
             # hvd.DistributedOptimizer: every gradient tensor, every step.
@@ -72,7 +71,7 @@ def test_throughput_fp16_halves_the_bytes(tmp_path):
     variants = _by_name(json.loads(out.read_text()))
     assert set(variants) == {"no-comm", "hvd-sgd", "easgd-async-tau2"}
     easgd, hsgd = variants["easgd-async-tau2"], variants["hvd-sgd"]
-    assert easgd["total_bytes"] * 2 == (2 * HEAVY_PARAMS + 2 * 2) * easgd["total_steps"]  # tau 2
+    assert easgd["total_bytes"] * 2 == 2 * HEAVY_PARAMS * easgd["total_steps"]  # tau 2, fp16
     assert hsgd["total_bytes"] * 2 == 4 * HEAVY_PARAMS * hsgd["total_steps"]
 
 
@@ -104,13 +103,23 @@ def test_micro_single_process(tmp_path):
         cwd=str(REPO), env=worker_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(out.read_text())
-    pieces = {p["piece"] for p in payload["pieces"]}
-    for needle in ("gather", "ElasticRule.apply (easgd)", "scatter_add", "allreduce (fp32)",
-                   "plain SGD", "ElasticOptimizer.step, tau=1 "):
+    pieces = {p["piece"]: p for p in payload["pieces"]}
+    for needle in ("seal(from_live=True)", "snapshot", "round_is_finite",
+                   "ElasticRule.apply (easgd", "scatter_add", "allreduce (fp32)", "plain SGD",
+                   "bandwidth probe", "ElasticOptimizer.step, tau=1 "):
         assert any(needle in p for p in pieces), needle
     assert payload["config"]["parameters"] == HEAVY_PARAMS
     assert all(p["ms"] > 0 for p in payload["pieces"])
+    # Each mode's round is timed whole, and its memory-traffic floor is the sum of its
+    # pieces' streams: sync 3 + 1 + 3 + 3, async 2 + 3 + 1 + 3 + 3, the plain step 8.
+    summary = payload["summary"]
+    assert (summary["sync"]["streams"], summary["async"]["streams"]) == (10, 12)
+    assert summary["plain_streams"] == 8
+    assert summary["sync"]["streams_over_plain"] == 10 / 8
+    sync = next(p for n, p in pieces.items() if n.startswith("round's local math, sync"))
+    assert sync["x_plain_step"] == pytest.approx(summary["sync"]["local_math_over_plain_step"])
     assert "piece |" in proc.stdout and "allreduce (fp32)" in proc.stdout
+    assert "round's local math, async" in proc.stdout and "x a plain step" in proc.stdout
 
 
 if __name__ == "__main__":

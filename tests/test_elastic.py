@@ -118,6 +118,8 @@ NAN_CASES = [
      "case": Case(name="nan-average", method="average", tau=2, steps=14).to_dict()},
     {"kind": "nan", "nan_step": 5, "persist": True,
      "case": Case(name="nan-persist", tau=2, steps=20).to_dict()},
+    {"kind": "nan", "nan_step": 5, "value": 1e7,  # finite in fp32, inf in fp16 on the wire
+     "case": Case(name="fp16-overflow", tau=2, steps=20, compression="fp16").to_dict()},
 ]
 
 
@@ -138,7 +140,7 @@ def test_one_nan_step_is_skipped_by_everyone(nan_job, index):
         assert res["skips"] == [item["expect_skip"]], (rank, res["skips"])
         assert res["unchanged_center"] == [True], "the bad round moved the center"
         assert res["skipped_rounds"] == 1 and res["finite"]
-        assert res["allreduce_calls"] == res["rounds"], "the flags must ride in the round's allreduce"
+        assert res["allreduce_calls"] == res["rounds"], "one allreduce per round, nothing more"
     assert results[1]["restart_on_center"] == [True], "rank 1 restarts from the center, fresh state"
     assert results[0]["center_hash"] == results[1]["center_hash"]
 
@@ -151,6 +153,19 @@ def test_persistent_nan_stops_every_worker(nan_job):
         assert "rank(s) 1" in r["message"] and "lower the learning rate" in r["message"]
         assert r["step"] == 10  # bad rounds at 6, 8, 10: patience 3
     assert raised[0]["message"] == raised[1]["message"]
+
+
+@pytest.mark.timeout(300)
+def test_fp16_overflow_on_the_wire_is_caught(nan_job):
+    # Every contribution is finite in fp32, but rank 1's no longer fits in fp16: the sum on the
+    # wire is inf. Nobody is to blame, so nobody restarts; the center never takes it in.
+    results = [ranks["results"][4] for ranks in nan_job]
+    assert results[1]["restart_on_center"] == [False, False]
+    for res in results:
+        assert res["skips"] == [6, 8] and res["unchanged_center"] == [True, True]
+        r = res["raised"]
+        assert r is not None and r["type"] == "NonFiniteError" and r["step"] == 10
+        assert "the sum on the wire" in r["message"] and "Compression.none" in r["message"]
 
 
 @pytest.mark.timeout(600)

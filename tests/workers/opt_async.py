@@ -2,57 +2,65 @@
 
 `--cases` is a JSON list of items {"kind": ..., "case": Case dict, ...}:
 - "match": as in opt_sync.py (params, center, counters after `synchronize()`).
-- "overlap": every step sleeps `work` seconds; the exchange's wait is made slow (`delay` s) by
-  wrapping `opt.communicator.wait`; report `opt.stats` before and after the final synchronize.
-- "boom": the exchange's wait raises RuntimeError("boom") on round `fail_round` (on every rank);
-  report where and what the training thread raised, and what later calls raise.
+- "overlap": the exchange's wait (`opt.communicator.wait`) holds every round until training has
+  started `hold` more steps (at most `delay` s); report per round the steps taken meanwhile.
+- "boom": the exchange's wait raises RuntimeError("boom") on round `fail_round`, after the real
+  collective, on the ranks `fail_ranks` (default: every rank); report where and what the
+  training thread raised, and (on a rank that raised) what later calls raise.
 - "settle": lr set to 0 after `settle_after` steps; params and center at the end.
 - "resume": as in opt_sync.py (state_dict() must synchronize the round in flight).
 - "close": context manager, close() twice, step() after close.
+- "wait_cpu": CPU the training thread uses while a round is late, for the mode of the case.
 `--what noclose`: after the items, leave an async optimizer with a round in flight unclosed and
 exit normally (atexit must finish it).
 Writes {"results": [...]} to rank{R}.json.
 """
 
+import threading
 import time
 
 from opt_common import (
-    Case, build, error_text, init, parse_args, run_items, snapshot, stats_dict, train_steps,
-    write,
+    Case, build, counters, error_text, init, parse_args, run_items, snapshot, train_steps, write,
 )
 from opt_sync import run_match, run_resume
 from tests.reference import flat, local_backward
 
 
-def slow_wait(opt, delay):
-    original = opt.communicator.wait
-
-    def wait(*args, **kwargs):
-        time.sleep(delay)
-        return original(*args, **kwargs)
-
-    opt.communicator.wait = wait
-
-
 def run_overlap(item, rank):
+    """A deliberately slow exchange: the wait for each round holds it on the wire until the
+    training thread has started `hold` more steps (at most `delay` s: in sync mode the wait runs
+    on the training thread itself, which then cannot step). Per round, report how many steps
+    training took while the round was on the wire, and whether the wait ran on the training
+    thread."""
     case = Case.from_dict(item["case"])
     model, base, opt = build(case, rank)
-    slow_wait(opt, float(item["delay"]))
-    work = float(item["work"])
-    for t in range(1, case.steps + 1):
-        local_backward(model, opt, case, rank, t)
-        time.sleep(work)
-        opt.step()
-    before = stats_dict(opt)
+    hold, delay = int(item["hold"]), float(item["delay"])
+    original = opt.communicator.wait
+    rounds = []
+
+    def wait(*args, **kwargs):
+        started = opt.step_count
+        give_up = time.monotonic() + delay
+        while opt.step_count < started + hold and time.monotonic() < give_up:
+            time.sleep(0.002)
+        result = original(*args, **kwargs)
+        rounds.append({"handed_off_at": started, "steps_on_wire": opt.step_count - started,
+                       "training_thread": threading.current_thread() is threading.main_thread()})
+        return result
+
+    opt.communicator.wait = wait
+    train_steps(case, model, opt, rank, 0, case.steps)
     opt.synchronize()
-    after = stats_dict(opt)
+    out = snapshot(case, opt, model)
+    out["rounds"] = rounds
     opt.close()
-    return {"before_sync": before, "after_sync": after}
+    return out
 
 
 def run_boom(item, rank):
     case = Case.from_dict(item["case"])
     fail_round = int(item["fail_round"])
+    fails_here = rank in item.get("fail_ranks", [rank])
     model, base, opt = build(case, rank)
     original = opt.communicator.wait
     calls = {"n": 0}
@@ -60,7 +68,7 @@ def run_boom(item, rank):
     def wait(*args, **kwargs):
         calls["n"] += 1
         result = original(*args, **kwargs)  # finish the real collective: no peer waits on us
-        if calls["n"] == fail_round:
+        if calls["n"] == fail_round and fails_here:
             raise RuntimeError("boom")
         return result
 
@@ -80,15 +88,17 @@ def run_boom(item, rank):
         except Exception as exc:  # noqa: BLE001
             out["raised_at"] = "synchronize"
             out["first"] = error_text(exc)
-    try:
-        local_backward(model, opt, case, rank, case.steps + 1)
-        opt.step()
-    except Exception as exc:  # noqa: BLE001
-        out["later_step"] = error_text(exc)
-    try:
-        opt.synchronize()
-    except Exception as exc:  # noqa: BLE001
-        out["later_sync"] = error_text(exc)
+    if out["raised_at"] is not None:  # (a healthy rank must not start a round alone)
+        try:
+            local_backward(model, opt, case, rank, case.steps + 1)
+            opt.step()
+        except Exception as exc:  # noqa: BLE001
+            out["later_step"] = error_text(exc)
+        try:
+            opt.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            out["later_sync"] = error_text(exc)
+    out["counters"] = counters(opt)
     try:
         opt.close()
         out["close_ok"] = True
@@ -144,12 +154,31 @@ def run_close(item, rank):
     return out
 
 
+def run_wait_cpu(item, rank):
+    """An item: rank 1 is `late` s late to each of 3 rounds
+    (tau = 1); report rank 0's process CPU seconds and wall seconds of the steps and a final
+    synchronize()."""
+    case = Case.from_dict(item["case"])
+    model, base, opt = build(case, rank)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for t in range(1, case.steps + 1):
+        local_backward(model, opt, case, rank, t)
+        if rank == 1:
+            time.sleep(float(item["late"]))
+        opt.step()
+    opt.synchronize()
+    out = {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
+    opt.close()
+    return out
+
+
 def main():
     args = parse_args()
     rank, size = init()
     results = run_items(args, rank, {"match": run_match, "overlap": run_overlap,
                                      "boom": run_boom, "close": run_close,
-                                     "settle": run_settle, "resume": run_resume})
+                                     "settle": run_settle, "resume": run_resume,
+                                     "wait_cpu": run_wait_cpu})
     if args.what == "noclose":
         case = Case(mode="async", tau=2, steps=5)
         model, base, opt = build(case, rank)

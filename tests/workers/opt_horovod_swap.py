@@ -3,7 +3,8 @@ one-line swap `hvd.DistributedOptimizer(` -> `hvd_easgd.DistributedOptimizer(`.
 
 Trains an MLP on sklearn's digits with a DistributedSampler, broadcast_parameters,
 broadcast_optimizer_state, a StepLR scheduler, zero_grad and param_groups; writes the initial
-and final average loss (of the center) and what each Horovod call did.
+and final average loss (of the center), the center itself and this worker's parameters, and
+what each Horovod call did.
 """
 
 import argparse
@@ -105,6 +106,11 @@ center_model = Net()
 center_model.load_state_dict(model.state_dict())
 missing = center_model.load_state_dict(optimizer.center_state_dict(), strict=False).missing_keys
 final = full_loss(center_model)
+center_model.eval()
+with torch.no_grad():  # this worker's own loss of its center: no collective in it
+    local_final = float(F.cross_entropy(center_model(X), y))
+center = [float(v) for t in optimizer.center_state_dict().values() for v in t.reshape(-1)]
+params = [float(v) for p in model.parameters() for v in p.detach().reshape(-1)]
 sd = optimizer.state_dict()
 zero_grad_ok = all(p.grad is None or float(p.grad.abs().sum()) == 0.0
                    for p in (optimizer.zero_grad() or model.parameters()))
@@ -112,6 +118,10 @@ zero_grad_ok = all(p.grad is None or float(p.grad.abs().sum()) == 0.0
 write_rank_result(args.out, hvd.rank(), {
     "initial_loss": initial,
     "final_loss": final,
+    "local_final_loss": local_final,
+    "center": center,
+    "center_names": list(optimizer.center_state_dict()),
+    "params": params,
     "epoch_losses": epoch_losses,
     "lrs": lrs,
     "base_lr": base_optimizer.param_groups[0]["lr"],

@@ -6,7 +6,8 @@ Rank 1 (only) builds a different model for each variant in `--what` (comma separ
 - "dtype": `2.bias` in float64,
 - "tau", "beta", "method", "mode": rank 1 wraps with another EASGD setting,
 - "same": no difference (construction must succeed: the check is not over-eager).
-Each rank writes, per variant, whether construction raised and the message.
+Each rank writes, per variant, whether construction raised and the message. (The sync jobs of
+tests/test_optimizer.py run these variants as "mismatch" items, through `run_mismatch`.)
 """
 
 import torch
@@ -29,23 +30,31 @@ class Net(nn.Module):
             self.extra = nn.Parameter(torch.zeros(2))
 
 
+def construct(variant: str, rank: int) -> dict:
+    """Wrap this rank's model for one variant: whether construction raised, and the message."""
+    model = Net(variant, rank)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    settings = {"tau": 2, "beta": 0.9, "method": "easgd", "mode": "sync"}
+    if rank == 1 and variant in settings:
+        settings[variant] = {"tau": 3, "beta": 0.5, "method": "average", "mode": "async"}[variant]
+    try:
+        opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(),
+                                         **settings)
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": True, **error_text(exc)}
+    opt.close()
+    return {"raised": False}
+
+
+def run_mismatch(item, rank):
+    """A `--cases` item {"kind": "mismatch", "variant": ...} (tests/workers/opt_sync.py)."""
+    return construct(item["variant"], rank)
+
+
 def main():
     args = parse_args()
     rank, size = init()
-    results = {}
-    for variant in args.what.split(","):
-        model = Net(variant, rank)
-        base = torch.optim.SGD(model.parameters(), lr=0.1)
-        settings = {"tau": 2, "beta": 0.9, "method": "easgd", "mode": "sync"}
-        if rank == 1 and variant in settings:
-            settings[variant] = {"tau": 3, "beta": 0.5, "method": "average", "mode": "async"}[variant]
-        try:
-            opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(),
-                                             **settings)
-            results[variant] = {"raised": False}
-            opt.close()
-        except Exception as exc:  # noqa: BLE001
-            results[variant] = {"raised": True, **error_text(exc)}
+    results = {variant: construct(variant, rank) for variant in args.what.split(",")}
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 

@@ -1,7 +1,7 @@
 """Worker: one rank's gradient turns NaN (issue 10).
 
-`--cases` is a JSON list of {"case": Case dict, "nan_step": S, "persist": bool}. Rank 1 fills its
-gradient with NaN at step S (and, with persist, at every later step). Every rank records, at
+`--cases` is a JSON list of {"case": Case dict, "nan_step": S, "persist": bool, "value": V}. Rank 1
+fills its gradient with NaN (or V) at step S (and, with persist, at every later step). Every rank records, at
 every step, the skipped-round counter and the center before and after the step; rank 1 also
 records whether it sits on the center with an empty optimizer state right after a skipped
 round. A persistent NaN must raise NonFiniteError on every rank: the step and message are kept.
@@ -22,13 +22,14 @@ def center_of(opt):
 def run_case(item, rank):
     case = Case.from_dict(item["case"])
     nan_step, persist = int(item["nan_step"]), bool(item.get("persist"))
+    value = float(item.get("value", "nan"))  # a huge finite value overflows fp16 on the wire
     model, base, opt = build(case, rank)
     out = {"skips": [], "raised": None, "restart_on_center": [], "unchanged_center": []}
     for t in range(1, case.steps + 1):
         local_backward(model, opt, case, rank, t)
         if rank == 1 and (t == nan_step or (persist and t > nan_step)):
             for p in model.parameters():
-                p.grad.fill_(float("nan"))
+                p.grad.fill_(value)
         before, skipped = center_of(opt), opt.stats.skipped_rounds
         try:
             opt.step()

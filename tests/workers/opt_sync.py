@@ -8,6 +8,7 @@
 - "resume": uninterrupted run (in async mode, synchronized at `save_at`, as state_dict() does)
   vs. a run saved at step `save_at` (state_dict of the wrapper and the
   model), rebuilt fresh (other init), loaded and continued; both snapshots reported.
+- "mismatch": rank 1 builds another model or wraps with other settings (opt_mismatch.py).
 Writes {"results": [...]} to rank{R}.json.
 """
 
@@ -101,7 +102,10 @@ def run_resume(item, rank):
 def main():
     args = parse_args()
     rank, size = init()
-    results = run_items(args, rank, {"match": run_match, "resume": run_resume})
+    from opt_mismatch import run_mismatch
+
+    results = run_items(args, rank, {"match": run_match, "resume": run_resume,
+                                     "mismatch": run_mismatch})
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 

@@ -1,5 +1,7 @@
 """Worker script for tests/test_recipes.py: every recipe, a few steps on tiny fake data, in ONE job.
 
+A recipe with communication rounds runs tau + 1 steps, so at least one round happens.
+
 Each recipe keeps its method, mode, tau, schedule, model and optimizer settings; only the data
 (torchvision FakeData at the smallest image size the recipe's model accepts), the batch size, the
 number of steps and the outputs are overridden. Runs follow each other in this process, so a run
@@ -36,21 +38,33 @@ TINY_SHAPE = {"cifar_paper": (3, 24), "imagenet_paper": (3, 101), "digits_net": 
 BIG_MODELS = ("imagenet_paper",)  # ~20M parameters even at 101 px: skip its checkpoints
 
 
+#: the config methods trained by hvd_easgd.ElasticOptimizer (they have communication rounds)
+ROUND_METHODS = ("easgd", "eamsgd", "downpour", "mdownpour", "average", "adownpour", "mvadownpour",
+                 "diloco")
+
+
+def smoke_steps(cfg) -> int:
+    """Steps of a smoke run: past the first round (step tau) for the methods with rounds."""
+    return max(3, int(cfg.optimizer.tau) + 1) if cfg.optimizer.method in ROUND_METHODS else 3
+
+
 def smoke_overrides(cfg) -> list:
     c, side = TINY_SHAPE[cfg.model.name]
     big = cfg.model.name in BIG_MODELS
+    steps = smoke_steps(cfg)
+    mid = max(2, steps // 2)
     out = [
         "data.name=fake", "data.root=null", "data.download=false", "data.image_size=null",
         "data.num_workers=0", f"data.fake_image_shape=[{c},{side},{side}]", "data.fake_train_size=16",
         "data.fake_test_size=8", "data.fake_num_classes=10",
-        "train.batch_size=2", "train.max_steps=3", "train.eval_batch_size=4", "train.max_eval_batches=1",
+        "train.batch_size=2", f"train.max_steps={steps}", "train.eval_batch_size=4", "train.max_eval_batches=1",
         "train.device=cpu", "train.threads=1", "log.every=2", "log.progress=false", "log.tensorboard=true",
         "launch.np=null", "elastic.enabled=false",  # elastic runs: tests/test_elastic.py
     ]
     if big:  # the whole path once, at the end; no checkpoint of 2 x ~20M parameters
         out += ["train.eval_every=0", "train.eval_local=false", "checkpoint.every=0", "checkpoint.at_end=false"]
     else:  # evaluation and a checkpoint mid-run (training goes on after them), and at the end
-        out += ["train.eval_every=2", "checkpoint.every=2", "checkpoint.at_end=true"]
+        out += [f"train.eval_every={mid}", f"checkpoint.every={mid}", "checkpoint.at_end=true"]
     return out
 
 
@@ -74,6 +88,7 @@ def main() -> None:
                 "ok": True, "seconds": time.perf_counter() - started, "step": summary["step"],
                 "method": summary["method"], "center/test_error": summary.get("center/test_error"),
                 "train/loss": summary.get("train/loss"), "center_path": summary.get("center_path"),
+                "rounds": summary.get("rounds"), "tau": int(cfg.optimizer.tau),
             }
         except Exception as e:  # noqa: BLE001 - report every recipe, not just the first failure
             results[recipe] = {"ok": False, "error": f"{type(e).__name__}: {e}",
