@@ -275,6 +275,23 @@ def unpack_state_dict(state: CenterState, params: List[torch.Tensor],
     return Counters(step=int(easgd["step"]), round=int(easgd["round"]))
 
 
+def warn_if_saved_elsewhere(easgd: Dict[str, Any], world_size: int, method: str,
+                            alpha: float) -> None:
+    """Warn when a state dict comes from a job with another number of workers or method."""
+    if easgd.get("world_size", world_size) != world_size:
+        warnings.warn(
+            f"the state dict was saved with {easgd['world_size']} workers and this job has "
+            f"{world_size}: alpha = beta / p is now {alpha:g}. Restart every worker from the "
+            "center (load center_state_dict() into the model) for a clean resume.",
+            stacklevel=3,
+        )
+    if easgd.get("method", method) != method:
+        warnings.warn(
+            f"the state dict was saved by method {easgd['method']!r}; continuing with {method!r}",
+            stacklevel=3,
+        )
+
+
 def _unpack_buffers(state: CenterState, saved: Dict[str, Dict[str, torch.Tensor]]) -> None:
     for gi, group in enumerate(state.groups):
         for ti in range(group.num_params, len(group.tensors)):

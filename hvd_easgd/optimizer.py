@@ -30,6 +30,7 @@ import torch
 from hvd_easgd import recovery
 from hvd_easgd.center import (
     CenterState, Counters, pack_state_dict, split_state_dict, unpack_state_dict,
+    warn_if_saved_elsewhere,
 )
 from hvd_easgd.checks import (
     DEFAULT_BETA, check_options, check_patience, check_tau, float_buffers, name_parameters,
@@ -473,19 +474,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.counters = unpack_state_dict(self.buffers, params, ours, easgd)
         if self.outer_optimizer is not None and easgd.get("outer") is not None:
             self.outer_optimizer.load_state_dict(easgd["outer"])
-        if easgd.get("world_size", self.world[0]) != self.world[0]:
-            warnings.warn(
-                f"the state dict was saved with {easgd['world_size']} workers and this job has "
-                f"{self.world[0]}: alpha = beta / p is now {self.alpha:g}. Restart every worker "
-                "from the center (load center_state_dict() into the model) for a clean resume.",
-                stacklevel=2,
-            )
-        if easgd.get("method", self.method) != self.method:
-            warnings.warn(
-                f"the state dict was saved by method {easgd['method']!r}; continuing with "
-                f"{self.method!r}",
-                stacklevel=2,
-            )
+        warn_if_saved_elsewhere(easgd, self.world[0], self.method, self.alpha)
 
     def _params(self) -> List[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]

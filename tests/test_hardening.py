@@ -552,6 +552,21 @@ def test_add_param_group_after_wrapping_is_refused(hvd1):
     opt.close()
 
 
+@pytest.mark.timeout(60)
+def test_state_dict_from_another_job_warns_at_the_caller(hvd1):
+    m = _model()
+    opt = _wrap(m)
+    sd = opt.state_dict()
+    sd["easgd"]["world_size"], sd["easgd"]["method"] = 4, "downpour"
+    with pytest.warns(UserWarning) as caught:
+        opt.load_state_dict(sd)
+    text = [str(w.message) for w in caught]
+    assert any("saved with 4 workers and this job has 1" in t for t in text), text
+    assert any("saved by method 'downpour'; continuing with 'easgd'" in t for t in text), text
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]
+    opt.close()
+
+
 # -------------------------------------------------------------------------------------------
 # hvd_easgd.DistributedOptimizer: Horovod's arguments
 # -------------------------------------------------------------------------------------------
