@@ -30,7 +30,8 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "py-spy>=0.3"],
+        "profile": ["py-spy>=0.3"],  # benchmarks/profile_round.py
     },
     entry_points={
         "console_scripts": [
