@@ -39,6 +39,7 @@ import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
 
+from benchmarks.accuracy import center_error
 from benchmarks.common import environment, format_table, setup_worker, write_json
 
 METHODS = ("easgd", "average", "diloco-sgd", "diloco")
@@ -79,19 +80,6 @@ def make_optimizer(method: str, tau: int, model: torch.nn.Module, lr: float):
                                       mode="sync", **kw)
 
 
-@torch.no_grad()
-def test_error(model: torch.nn.Module, loader) -> float:
-    model.eval()
-    wrong = total = 0
-    for x, y in loader:
-        wrong += int((model(x).argmax(1) != y).sum())
-        total += len(y)
-    model.train()
-    counts = hvd.allreduce(torch.tensor([wrong, total], dtype=torch.float64), op=hvd.Sum,
-                           name="outer.eval")
-    return float(counts[0] / counts[1])
-
-
 def run_one(method: str, tau: int, seed: int, args, bundle, total_steps: int,
             eval_every: int) -> Dict[str, Any]:
     from hvd_easgd.data import eval_loader, train_loader
@@ -116,7 +104,7 @@ def run_one(method: str, tau: int, seed: int, args, bundle, total_steps: int,
             step += 1
             if step % eval_every == 0 or step == total_steps:
                 center.load_state_dict(opt.center_state_dict(), strict=False)
-                errors.append(test_error(center, test))
+                errors.append(center_error(center, test))
             if step == total_steps:
                 break
         epoch += 1

@@ -19,15 +19,13 @@ from opt_common import (
 )
 
 import hvd_easgd
-from tests.reference import OUTER_FACTORIES, build_model, build_optimizer
+from tests.reference import build_model, build_optimizer
 
 
 def build(case: Case, rank: int, **extra):
     model = build_model(case, rank)
     base = build_optimizer(case, model.parameters())
     kw = wrapper_kwargs(case, model)
-    if "outer_optimizer" in kw:
-        kw["outer_optimizer"] = OUTER_FACTORIES[kw["outer_optimizer"]]
     kw.update(extra)
     return model, hvd_easgd.ElasticOptimizer(base, **kw)
 

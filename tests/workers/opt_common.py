@@ -28,7 +28,7 @@ import horovod.torch.mpi_ops as mpi_ops  # noqa: E402
 import hvd_easgd  # noqa: E402
 from tests.hvdrun import write_rank_result  # noqa: E402
 from tests.reference import (  # noqa: E402
-    Case, build_model, build_optimizer, flat, float_buffers, local_backward,
+    OUTER_FACTORIES, Case, build_model, build_optimizer, flat, float_buffers, local_backward,
 )
 
 
@@ -137,6 +137,8 @@ def wrapper_kwargs(case: Case, model) -> dict:
     if case.method == "mdownpour":
         kw["master_momentum"] = case.master_momentum
     kw.update(case.extra)
+    if "outer_optimizer" in kw:  # Case.extra names one of tests.reference.OUTER_FACTORIES
+        kw["outer_optimizer"] = OUTER_FACTORIES[kw["outer_optimizer"]]
     return kw
 
 

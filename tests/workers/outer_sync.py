@@ -20,18 +20,14 @@ from opt_common import (
 import hvd_easgd
 from hvd_easgd import recovery
 from hvd_easgd.center import restore_commit, take_commit
-from tests.reference import OUTER_FACTORIES, build_model, build_optimizer
+from tests.reference import build_model, build_optimizer
 from opt_common import wrapper_kwargs
 
 
 def build(case: Case, rank: int):
     model = build_model(case, rank)
     base = build_optimizer(case, model.parameters())
-    kw = wrapper_kwargs(case, model)
-    name = kw.pop("outer_optimizer", None)
-    if name is not None:
-        kw["outer_optimizer"] = OUTER_FACTORIES[name]
-    return model, hvd_easgd.ElasticOptimizer(base, **kw)
+    return model, hvd_easgd.ElasticOptimizer(base, **wrapper_kwargs(case, model))
 
 
 def run_match(item, rank):
