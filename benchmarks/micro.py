@@ -91,6 +91,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timings per piece (median shown)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here (rank 0)")
+    p.add_argument("--fused", action="store_true",
+                   help="also time the round's update as one torch.compile'd pass (slow to "
+                        "compile; needs a C++ compiler)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -240,6 +243,44 @@ def time_probe(model: torch.nn.Module, repeats: int) -> Row:
                STREAMS["probe"])
 
 
+MEAN_ON_WIRE_LABEL = ("alternative: the mean on the wire, eager (x.lerp_(c, a); c.lerp_(m, b); "
+                      "finiteness sum of m)")
+FUSED_LABEL = "alternative: one fused pass, torch.compile (reads x, c, m; writes x, c)"
+
+
+def time_alternatives(model: torch.nn.Module, world: int, repeats: int,
+                      fused: bool) -> List[Row]:
+    """What the round's math could cost if the wire carried the workers' mean ``m`` of ``x``
+    (Horovod's op=Average) instead of ``d = x - c``: no ``d`` to write, so 7 streams eagerly
+    (pull 3, center 3, check 1), and 5 in one fused pass (read x, c, m; write x, c), which is
+    the floor of ANY implementation of the round's update. The model's parameters are one
+    flat buffer here (optimistic: the real ones are separate tensors). ``fused`` also times
+    that pass compiled by ``torch.compile`` (needs a C++ compiler; compiling takes a while)."""
+    x, c = flat_copy(model), flat_copy(model)
+    m = c + 1e-3
+    alpha, beta = 0.9 / world, 0.9
+
+    def eager() -> None:
+        bool(torch.isfinite(m.sum()))
+        x.lerp_(c, alpha)
+        c.lerp_(m, beta)
+
+    rows = [Row(MEAN_ON_WIRE_LABEL, median_seconds(eager, repeats), 7, True)]
+    if fused:
+        def one_pass(x_: torch.Tensor, c_: torch.Tensor, m_: torch.Tensor) -> torch.Tensor:
+            ok = torch.isfinite(m_).all()
+            new_x = x_ + alpha * (c_ - x_)
+            c_.copy_(c_ + beta * (m_ - c_))
+            x_.copy_(new_x)
+            return ok
+
+        compiled = torch.compile(one_pass, dynamic=False)
+        bool(compiled(x, c, m))  # compile
+        rows.append(Row(FUSED_LABEL, median_seconds(lambda: bool(compiled(x, c, m)), repeats),
+                        5, True))
+    return rows
+
+
 def time_allreduces(model: torch.nn.Module, repeats: int) -> List[Row]:
     """The round's fused allreduce of a parameter-sized flat buffer, fp32 and fp16."""
     flat = flat_copy(model)
@@ -286,6 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 PLAIN_STREAMS)]
     rows.append(time_probe(model, r))
     rows += time_round_math(model, world, r)
+    rows += time_alternatives(model, world, r, args.fused)
     rows += time_allreduces(model, r)
 
     # A whole optimizer step, gradients already in place (the same backward is reused).

@@ -35,6 +35,7 @@ LOCAL_OPTIMIZERS = ("sgd", "adamw")
 SINGLE_WORKER_METHODS = ("sgd", "msgd")
 MODES = ("sync", "async")
 DATASETS = ("digits", "cifar10", "imagenet", "fake")
+IMAGENET_AUGMENTS = ("overfeat", "resized_crop")  # data.augment (hvd_easgd/data.py has the same)
 SCHEDULES = ("constant", "step", "cosine")
 COMPRESSIONS = ("none", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +56,7 @@ class DataConfig:
     root: Optional[str] = None  # dataset directory (cifar10: torchvision layout; imagenet: train/ val/)
     download: bool = False  # cifar10 only: let torchvision download into `root`
     image_size: Optional[int] = None  # crop size fed to the model (None: the dataset's default)
+    augment: Optional[str] = None  # imagenet only: overfeat (the default) | resized_crop; see hvd_easgd/data.py
     num_workers: int = 0  # DataLoader worker processes per Horovod worker (0: exact resume)
     fake_train_size: int = 1024
     fake_test_size: int = 256
@@ -148,6 +150,13 @@ class LaunchConfig:
 
 
 @dataclass
+class HorovodConfig:
+    """Horovod's runtime settings, applied by the trainer before hvd.init() (hvd_easgd/tuning.py)."""
+
+    cycle_time_ms: Optional[float] = None  # HOROVOD_CYCLE_TIME; null: hvd-easgd's default (20 ms); a value you export wins
+
+
+@dataclass
 class SweepConfig:
     """Read by `hvd-easgd-sweep` only (hvd_easgd/sweep.py); the trainer ignores it."""
 
@@ -167,6 +176,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -363,6 +373,7 @@ _NUMBER_RULES = {
     "train.max_steps": "> 0 or null", "train.max_time": "> 0 or null",
     "train.init_seed": ">= 0 or null", "train.eval_every": ">= 0", "train.max_eval_batches": "> 0 or null",
     "log.every": "> 0", "checkpoint.every": ">= 0", "checkpoint.keep": "> 0", "launch.np": "> 0 or null",
+    "horovod.cycle_time_ms": "> 0 or null",
     "optimizer.nonfinite_patience": "> 0", "elastic.commit_every": "> 0",
     "train.divergence_factor": ">= 0", "log.console_seconds": ">= 0",
     "elastic.min_np": "> 0 or null", "elastic.max_np": "> 0 or null",
@@ -401,6 +412,11 @@ def validate(cfg: DictConfig) -> None:
     choice("optimizer.compression", cfg.optimizer.compression, COMPRESSIONS)
     choice("optimizer.schedule.name", cfg.optimizer.schedule.name, SCHEDULES)
     choice("data.name", cfg.data.name, DATASETS)
+    if cfg.data.augment is not None:
+        if cfg.data.name != "imagenet":
+            raise ConfigError(f"'data.augment' applies to data.name=imagenet only (got data.name="
+                              f"{cfg.data.name}); remove it or set it to null")
+        choice("data.augment", cfg.data.augment, IMAGENET_AUGMENTS)
     choice("train.device", cfg.train.device, DEVICES)
 
     for key, rule in _NUMBER_RULES.items():

@@ -167,6 +167,8 @@ def summary_lines(summary: Dict[str, Any], best: Optional[tuple], run_dir: Path,
         lines.append(f"  communication     {summary['rounds']} rounds, "
                      f"{fmt_bytes(summary.get('bytes_communicated'))} sent per worker, "
                      f"{'-' if share is None else f'{100 * share:.1f}%'} of training time waiting"
+                     + (f" (Horovod cycle {summary['horovod_cycle_time_ms']:g} ms)"
+                        if summary.get("horovod_cycle_time_ms") is not None else "")
                      + (f", {summary['skipped_rounds']} round(s) skipped (NaN/inf)"
                         if summary.get("skipped_rounds") else ""))
     outputs = []

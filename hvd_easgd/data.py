@@ -36,6 +36,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CIFAR_CROP = 28      # the paper trains on 28x28 crops of the 32x32 images
 IMAGENET_CROP = 221  # the paper's ImageNet input
+#: ImageNet training augmentations (``data.augment``). ``overfeat``: the network the paper
+#: follows (OverFeat, Sermanet et al. 2013) trained on random 221x221 crops, and their flips, of
+#: images resized to 256 on the shorter side. ``resized_crop``: torchvision's RandomResizedCrop
+#: (scale and aspect jitter, as in most ResNet recipes) + flips.
+IMAGENET_AUGMENTS = ("overfeat", "resized_crop")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
@@ -56,6 +61,7 @@ def build_datasets(
     root: Optional[Union[str, os.PathLike]] = None,
     download: bool = False,
     image_size: Optional[int] = None,
+    augment: Optional[str] = None,
     fake_train_size: int = 1024,
     fake_test_size: int = 256,
     fake_image_shape: Tuple[int, int, int] = (3, 32, 32),
@@ -69,18 +75,23 @@ def build_datasets(
               random ``image_size`` (default 28) crops + horizontal flips; test: center crop;
               per-channel normalisation. ``download=True`` fetches it into ``root``.
     imagenet  ImageFolder layout ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``;
-              training: random-resized ``image_size`` (default 221) crops + flips; eval: resize
-              to 256/221 of the crop, then center crop; normalisation.
+              training (``augment``): ``overfeat`` (default; resize the shorter side to
+              256/221 of the crop, random ``image_size`` (default 221) crops + flips) or
+              ``resized_crop`` (RandomResizedCrop + flips); eval: resize to 256/221 of the
+              crop, then center crop; normalisation.
     fake      torchvision FakeData of ``fake_image_shape`` (``image_size`` overrides H and W),
               train and test drawn with different seeds; labels are random.
     """
     key = str(name).strip().lower()
+    if augment is not None and key != "imagenet":
+        raise ValueError(f"augment={augment!r}: only the imagenet dataset has a choice of "
+                         f"augmentation; leave it unset (null) for {key}")
     if key == "digits":
         return _digits(image_size)
     if key == "cifar10":
         return _cifar10(root, download, image_size)
     if key == "imagenet":
-        return _imagenet(root, image_size)
+        return _imagenet(root, image_size, augment)
     if key == "fake":
         return _fake(fake_train_size, fake_test_size, fake_image_shape, fake_num_classes,
                      image_size)
@@ -202,7 +213,7 @@ _IMAGENET_LAYOUT = (
     "`--set data.root=/path/to/imagenet`.")
 
 
-def _imagenet(root, image_size: Optional[int]) -> DataBundle:
+def _imagenet(root, image_size: Optional[int], augment: Optional[str] = None) -> DataBundle:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -217,9 +228,14 @@ def _imagenet(root, image_size: Optional[int]) -> DataBundle:
     crop = IMAGENET_CROP if image_size is None else int(image_size)
     if crop < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    augment = augment or IMAGENET_AUGMENTS[0]
+    if augment not in IMAGENET_AUGMENTS:
+        raise ValueError(f"augment must be one of {IMAGENET_AUGMENTS}, got {augment!r}")
     resize = int(round(crop * 256 / IMAGENET_CROP))
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip()] + norm)
+    jitter = ([T.Resize(resize), T.RandomCrop(crop)] if augment == "overfeat"
+              else [T.RandomResizedCrop(crop)])
+    train_tf = T.Compose(jitter + [T.RandomHorizontalFlip()] + norm)
     eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(crop)] + norm)
     try:
         train = ImageFolder(str(path / "train"), transform=train_tf)

@@ -358,7 +358,7 @@ def build_bundle(cfg: DictConfig):
 
     d = cfg.data
     return build_datasets(
-        d.name, root=d.root, download=d.download, image_size=d.image_size,
+        d.name, root=d.root, download=d.download, image_size=d.image_size, augment=d.augment,
         fake_train_size=d.fake_train_size, fake_test_size=d.fake_test_size,
         fake_image_shape=tuple(d.fake_image_shape), fake_num_classes=d.fake_num_classes,
     )
@@ -404,14 +404,18 @@ def run(
 
     from hvd_easgd.trainer import Trainer
 
-    from hvd_easgd.tuning import apply_horovod_settings
+    from hvd_easgd.tuning import apply_horovod_settings, recipe_settings
 
     cfg = _coerce_config(cfg)
-    if not hvd.is_initialized():
-        apply_horovod_settings()  # Horovod reads them in init(); yours are kept
+    if not hvd.is_initialized():  # Horovod reads them in init(); yours are kept
+        apply_horovod_settings(recipe=recipe_settings(cfg.horovod.cycle_time_ms))
         if cfg.optimizer.hierarchy is not None:  # the optimizer registers its process sets
             os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
         hvd.init()
+    elif cfg.horovod.cycle_time_ms is not None:
+        _warn("Horovod was initialised before hvd_easgd.train.run(): the recipe's "
+              "horovod.cycle_time_ms cannot take effect (set HOROVOD_CYCLE_TIME before hvd.init())",
+              hvd.rank())
     rank, size = hvd.rank(), hvd.size()
     name = cfg.name or "run"
     if run_dir is None and not cfg.run_dir:

@@ -34,6 +34,7 @@ from hvd_easgd import checkpoint as ckpt
 from hvd_easgd.config import SINGLE_WORKER_METHODS, ConfigError, DictConfig, save_config, to_dict
 from hvd_easgd.console import Console, summary_lines
 from hvd_easgd.metrics import MetricsLogger, Stopwatch, allreduce_sum
+from hvd_easgd.tuning import effective_settings
 
 
 class TrainingStopped(Exception):
@@ -475,6 +476,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
             best_center_test_error=self.best[0] if self.best else None,
             best_step=self.best[1] if self.best else None,
+            horovod_cycle_time_ms=float(effective_settings()["HOROVOD_CYCLE_TIME"]),
         )
         stats = self.comm_stats()
         if self.kind == "elastic":

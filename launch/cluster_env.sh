@@ -57,7 +57,10 @@ _hvd_default HOROVOD_FUSION_THRESHOLD 67108864
 # small tau, export a shorter cycle (1-5 ms): there a step takes only tens of milliseconds.
 case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
     0|false|no|off) ;;
-    *) _hvd_default HOROVOD_CYCLE_TIME 20 ;;
+    *) if [[ -z "${HOROVOD_CYCLE_TIME+x}" ]]; then  # our default: a recipe's horovod: may replace it
+           export HVD_EASGD_DEFAULTED="${HVD_EASGD_DEFAULTED:+$HVD_EASGD_DEFAULTED,}HOROVOD_CYCLE_TIME"
+       fi
+       _hvd_default HOROVOD_CYCLE_TIME 20 ;;
 esac
 # Rendezvous and collectives on a busy cluster can take longer than Horovod's 30 s default.
 _hvd_default HOROVOD_GLOO_TIMEOUT_SECONDS 120

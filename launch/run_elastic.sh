@@ -65,7 +65,10 @@ nic=()
 [[ -z "${NETWORK_INTERFACE:-}" ]] || nic=(--network-interface "$NETWORK_INTERFACE")
 case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
     0|false|no|off) ;;
-    *) export HOROVOD_CYCLE_TIME="${HOROVOD_CYCLE_TIME:-20}" ;;
+    *) if [[ -z "${HOROVOD_CYCLE_TIME+x}" ]]; then  # our default: a recipe's horovod: may replace it
+           export HOROVOD_CYCLE_TIME=20
+           export HVD_EASGD_DEFAULTED="${HVD_EASGD_DEFAULTED:+$HVD_EASGD_DEFAULTED,}HOROVOD_CYCLE_TIME"
+       fi ;;
 esac
 
 cmd=("${HOROVODRUN:-horovodrun}" -np "$NP" --min-np "$MIN_NP" --max-np "$MAX_NP"

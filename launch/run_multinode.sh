@@ -74,7 +74,10 @@ fi
 tuned=()
 case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
     0|false|no|off) ;;
-    *) export HOROVOD_CYCLE_TIME="${HOROVOD_CYCLE_TIME:-20}"
+    *) if [[ -z "${HOROVOD_CYCLE_TIME+x}" ]]; then  # our default: a recipe's horovod: may replace it
+           export HOROVOD_CYCLE_TIME=20
+           export HVD_EASGD_DEFAULTED="${HVD_EASGD_DEFAULTED:+$HVD_EASGD_DEFAULTED,}HOROVOD_CYCLE_TIME"
+       fi
        tuned+=("HOROVOD_CYCLE_TIME=$HOROVOD_CYCLE_TIME") ;;
 esac
 

@@ -227,6 +227,28 @@ def test_apply_sets_defaults_and_keeps_user_values():
     assert tuning.effective_settings({}) == tuning.HOROVOD_DEFAULTS
 
 
+def test_a_recipe_replaces_defaults_but_not_the_users_value():
+    recipe = tuning.recipe_settings(3)
+    assert recipe == {"HOROVOD_CYCLE_TIME": "3"} and tuning.recipe_settings(None) == {}
+    env = {}  # nothing set: the recipe's value, not hvd-easgd's default
+    assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == recipe
+    assert env["HOROVOD_CYCLE_TIME"] == "3"
+    env = {"HOROVOD_CYCLE_TIME": CYCLE, tuning.DEFAULTED_ENV: "HOROVOD_CYCLE_TIME"}  # a launcher
+    assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == recipe
+    assert env["HOROVOD_CYCLE_TIME"] == "3"
+    env = {"HOROVOD_CYCLE_TIME": "7"}  # exported by the user: kept, with a warning
+    with pytest.warns(RuntimeWarning, match="HOROVOD_CYCLE_TIME=7 from your environment"):
+        assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == {}
+    assert env["HOROVOD_CYCLE_TIME"] == "7"
+    env = {tuning.DISABLE_ENV: "0"}
+    with pytest.warns(RuntimeWarning, match="not applied either"):
+        assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == {}
+    assert "HOROVOD_CYCLE_TIME" not in env
+    env = {}  # null in the recipe: the old behaviour
+    assert tuning.apply_horovod_settings(environ=env, recipe=tuning.recipe_settings(None)) == \
+        tuning.HOROVOD_SETTINGS
+
+
 @pytest.mark.parametrize("off", ["0", "false", "No", " off "])
 def test_apply_is_disabled_by_the_environment(off):
     env = {tuning.DISABLE_ENV: off}
@@ -260,11 +282,12 @@ def test_apply_uses_os_environ_by_default(monkeypatch):
 def _launch_env(tmp_path, **extra):
     """The launchers with a fake horovodrun that prints the Horovod settings it receives."""
     fake = tmp_path / "fake_horovodrun"
-    fake.write_text('#!/usr/bin/env bash\necho "cycle=${HOROVOD_CYCLE_TIME-unset}"\n')
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'echo "cycle=${HOROVOD_CYCLE_TIME-unset}${HVD_EASGD_DEFAULTED:+ defaulted}"\n')
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HOROVOD_", "NCCL_", "SLURM_")) and k not in (
-               "HVD_EASGD_TUNE", "CLUSTER_ENV", "HOSTS", "NP", "SLOTS", "DRY_RUN", "CONFIG")}
+               "HVD_EASGD_TUNE", tuning.DEFAULTED_ENV, "CLUSTER_ENV", "HOSTS", "NP", "SLOTS", "DRY_RUN", "CONFIG")}
     env.update(HOROVODRUN=str(fake), **extra)
     return env
 
@@ -283,7 +306,7 @@ def test_launchers_export_the_settings(tmp_path, script, extra):
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
-    assert launch() == f"cycle={CYCLE}"
+    assert launch() == f"cycle={CYCLE} defaulted"           # a recipe may replace it
     assert launch(HOROVOD_CYCLE_TIME="3") == "cycle=3"       # the user's value wins
     assert launch(HVD_EASGD_TUNE="0") == "cycle=unset"       # Horovod's own default
 

@@ -12,6 +12,7 @@ from hvd_easgd.config import (
     ConfigError, apply_overrides, config_from_dict, load_config, save_config, valid_keys,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 MINIMAL = "model:\n  name: digits_net\noptimizer:\n  lr: 0.1\n"
 
 
@@ -83,6 +84,27 @@ def test_bad_choices_list_the_valid_values(tmp_path):
         load_config(write(tmp_path / "u.yaml", MINIMAL + "  beta: 1.5\n"))
     with pytest.raises(ConfigError, match="optimizer.tau"):
         load_config(write(tmp_path / "v.yaml", MINIMAL + "  tau: 0\n"))
+
+
+def test_augment_is_an_imagenet_choice(tmp_path):
+    from hvd_easgd import config, data
+
+    assert config.IMAGENET_AUGMENTS == data.IMAGENET_AUGMENTS
+    recipe = load_config(REPO / "recipes" / "imagenet" / "easgd_p4_tau10.yaml")
+    assert recipe.data.augment == "overfeat"
+    with pytest.raises(ConfigError, match=r"data\.augment.*'flip'.*overfeat, resized_crop"):
+        load_config(REPO / "recipes" / "imagenet" / "easgd_p4_tau10.yaml", ["data.augment=flip"])
+    with pytest.raises(ConfigError, match=r"data\.augment.*imagenet only.*null"):
+        load_config(REPO / "recipes" / "demo" / "digits.yaml", ["data.augment=overfeat"])
+
+
+def test_horovod_cycle_time_must_be_positive_or_null(tmp_path):
+    demo = REPO / "recipes" / "demo" / "digits.yaml"
+    assert load_config(demo).horovod.cycle_time_ms == 1
+    assert load_config(demo, ["horovod.cycle_time_ms=null"]).horovod.cycle_time_ms is None
+    for bad in ("0", "-5"):
+        with pytest.raises(ConfigError, match=r"'horovod\.cycle_time_ms' must be > 0 or null"):
+            load_config(demo, [f"horovod.cycle_time_ms={bad}"])
 
 
 def test_alpha_instead_of_beta(tmp_path):

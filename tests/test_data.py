@@ -139,12 +139,23 @@ def test_imagenet_image_folder(tmp_path):
     x, y = b.train[0]
     assert x.shape == (3, 32, 32) and y == 0
     names = [type(t).__name__ for t in b.train.transform.transforms]
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
-    # The paper's default: 221 crops; eval resizes to 256 first.
+    assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    # The paper's default: OverFeat's random 221 crops of images resized to 256; eval resizes
+    # to 256 first, then takes the center crop.
     b = build_datasets("imagenet", root=tmp_path)
     assert b.input_shape == (3, 221, 221) and b.test[5][0].shape == (3, 221, 221)
+    assert b.train[0][0].shape == (3, 221, 221)
+    train_tf = b.train.transform.transforms
+    assert (train_tf[0].size, train_tf[1].size) == (256, (221, 221))
     resize = b.test.transform.transforms[0]
     assert type(resize).__name__ == "Resize" and resize.size == 256
+    b = build_datasets("imagenet", root=tmp_path, augment="resized_crop")
+    names = [type(t).__name__ for t in b.train.transform.transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    with pytest.raises(ValueError, match="overfeat"):
+        build_datasets("imagenet", root=tmp_path, augment="autoaugment")
+    with pytest.raises(ValueError, match="only the imagenet"):
+        build_datasets("digits", augment="overfeat")
 
 
 def test_imagenet_train_and_val_classes_must_match(tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/accuracy.py --protocol paper: the splits, the rate selection (validation only), the
+"""benchmarks/protocol.py (accuracy.py --protocol paper): the splits, the rate selection (validation only), the
 noise-aware verdicts, and the --quick variant end to end (it starts its own horovodrun job)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import accuracy as A
+from benchmarks import protocol as A
 from tests.hvdrun import REPO, worker_env
 
 VERDICTS = {"held", "did not hold", "inside the noise", "not measured"}
@@ -46,6 +46,21 @@ def test_selection_uses_the_validation_error_never_the_test_error():
     assert A.selection_score(dict(good_val, diverged=True)) == float("inf")
 
 
+def test_the_grid_grows_past_an_edge_that_wins_and_stops_inside():
+    top = [run("easgd", 4, lr, [0.5, v, v, v], [0.5] * 4, [0, 1, 2, 3])
+           for lr, v in ((0.1, 0.3), (0.3, 0.2), (0.9, 0.1))]
+    assert A.next_rate(top) == pytest.approx(2.7)
+    assert A.next_rate(top[::-1][:1] + top[:2]) == pytest.approx(2.7)  # order does not matter
+    bottom = [dict(r, lr=lr) for r, lr in zip(top, (0.9, 0.3, 0.1))]
+    assert A.next_rate(bottom) == pytest.approx(0.1 / 3)
+    inside = [dict(top[0], lr=0.1), dict(top[2], lr=0.5), dict(top[0], lr=0.9)]
+    assert A.best_of(inside)["lr"] == 0.5 and A.next_rate(inside) is None
+    # a diverged best (all diverged) extends nothing; a tie goes to the smaller rate
+    assert A.next_rate([dict(r, diverged=True) for r in top]) is None
+    tie = [dict(top[2], lr=0.9), dict(top[2], lr=0.3)]
+    assert A.best_of(tie)["lr"] == 0.3 and A.next_rate(tie) == pytest.approx(0.1)
+
+
 def test_compare_counts_only_differences_beyond_the_noise():
     assert A.compare([0.10, 0.11, 0.09], [0.30, 0.31, 0.29]) == "lower"
     assert A.compare([0.10, 0.30, 0.20], [0.15, 0.35, 0.05]) == "noise"
@@ -68,7 +83,7 @@ def findings_for(downpour_hi):
     summary = A.summarise(runs)
     settings = A.ProtocolSettings(steps=10, eval_every=10, batch=8, seeds=3, taus=(1, 64),
                                   methods=("easgd", "eamsgd", "downpour"), tasks=("digits",),
-                                  grid_size=1)
+                                  grid_size=1, grid_extend=0)
     return {f["claim"]: f for f in A.protocol_findings(summary, settings, [2])}
 
 
@@ -96,7 +111,15 @@ def test_quick_protocol_end_to_end(tmp_path):
     for method, tau in configs:
         mine = [r for r in runs if (r["method"], r["tau"]) == (method, tau)]
         grid = [r for r in mine if r["phase"] == "grid"]
-        assert [r["lr"] for r in grid] == pytest.approx(list(A.LR_GRID[method][:2]))
+        first = list(A.LR_GRID[method][:2])
+        assert [r["lr"] for r in grid[:2]] == pytest.approx(first)
+        if len(grid) == 3:  # --quick extends once, past the edge that won the first two
+            won = A.best_of(grid[:2])
+            assert not won["diverged"]
+            assert grid[2]["lr"] == pytest.approx(won["lr"] * (3 if won["lr"] == max(first)
+                                                               else 1 / 3))
+        else:
+            assert len(grid) == 2 and A.next_rate(grid) is None
         chosen = min(grid, key=lambda r: (r["val_score"], r["lr"]))
         assert [r for r in grid if r.get("chosen")] == [chosen]  # by validation alone
         assert [(r["seed"], r["lr"]) for r in mine if r["phase"] == "seed"] == [(1, chosen["lr"])]

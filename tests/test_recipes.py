@@ -147,10 +147,12 @@ def test_paper_recipe_matches_the_papers_settings(name):
     assert f"hvd-easgd-sweep recipes/{name}.yaml --run" in (RECIPES / f"{name}.yaml").read_text()
 
 
-def test_imagenet_augmentation_is_stated_as_a_choice():
+def test_imagenet_uses_the_augmentation_of_the_network_the_paper_follows():
     text = (RECIPES / "imagenet" / "base.yaml").read_text()
-    assert "the paper's input: random-resized" not in text
-    assert "OUR CHOICE, not the paper's" in text and "OverFeat" in text
+    assert "the paper's input: random-resized" not in text and "OverFeat" in text
+    for recipe in (RECIPES / "imagenet").glob("*.yaml"):
+        if recipe.name != "base.yaml":
+            assert load_config(recipe).data.augment == "overfeat", rel(recipe)
 
 
 def test_readme_explains_every_learning_rate():

@@ -28,6 +28,7 @@ def test_readme_demo_two_workers(tmp_path):
     run_dir = tmp_path / "digits"
     proc = horovodrun([*_train_command(), "--config", DEMO, "--run-dir", str(run_dir)], np=2, timeout=280)
     assert "[0]<stderr>:[hvd-easgd] done: 660 steps" in proc.stderr
+    assert "of training time waiting (Horovod cycle 1 ms)" in proc.stderr  # the recipe's horovod:
 
     cfg_text = (run_dir / "config.yaml").read_text()
     assert "method: easgd" in cfg_text and "name: digits_net" in cfg_text
