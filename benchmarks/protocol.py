@@ -727,7 +727,7 @@ def plot_protocol(payload: Dict[str, Any], task: str, path: str) -> None:
                 ax.fill_between(xs, low, high, color=colors[method], alpha=0.15, linewidth=0)
             ax.axhline(100 * TASKS[task].target, color="grey", linewidth=0.6, linestyle=":")
             ax.set_title(f"{w} workers, tau = {tau}", fontsize=10)
-            ax.set_xlabel("training wall-clock (s, shared 2-core machine)", fontsize=8)
+            ax.set_xlabel("training wall-clock (s, 2 CPU cores)", fontsize=8)
             ax.set_ylim(0, min(100, 400 * TASKS[task].target))
             ax.grid(alpha=0.3)
         row[0].set_ylabel("center test error (%)")

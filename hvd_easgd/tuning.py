@@ -144,10 +144,14 @@ def apply_horovod_settings(overwrite: bool = False,
                       RuntimeWarning, stacklevel=2)
         return {}
     applied = _apply_recipe(recipe or {}, environ, overwrite)
+    defaulted = [n for n in environ.get(DEFAULTED_ENV, "").split(",") if n]
     for name, value in (HOROVOD_SETTINGS if settings is None else settings).items():
         if overwrite or name not in environ:
             environ[name] = value
             applied[name] = value
+            defaulted.append(name)  # ours, not the user's: a later recipe may replace it
+    if defaulted:
+        environ[DEFAULTED_ENV] = ",".join(dict.fromkeys(defaulted))
     return applied
 
 

@@ -216,7 +216,10 @@ def test_scale_table_rows_follow_the_formulas(tmp_path, capsys):
 def test_apply_sets_defaults_and_keeps_user_values():
     env = {}
     assert tuning.apply_horovod_settings(environ=env) == tuning.HOROVOD_SETTINGS
-    assert env == tuning.HOROVOD_SETTINGS
+    # marked as hvd-easgd's default: a recipe run later in this process may replace it
+    assert env == {**tuning.HOROVOD_SETTINGS, tuning.DEFAULTED_ENV: "HOROVOD_CYCLE_TIME"}
+    assert tuning.apply_horovod_settings(environ=env, recipe=tuning.recipe_settings(2)) == {
+        "HOROVOD_CYCLE_TIME": "2"}
     env = {"HOROVOD_CYCLE_TIME": "3"}
     assert tuning.apply_horovod_settings(environ=env) == {}
     assert env["HOROVOD_CYCLE_TIME"] == "3"

@@ -55,6 +55,7 @@ def smoke_overrides(cfg) -> list:
     mid = max(2, steps // 2)
     out = [
         "data.name=fake", "data.root=null", "data.download=false", "data.image_size=null",
+        "data.augment=null",  # an ImageNet choice; the fake data has none
         "data.num_workers=0", f"data.fake_image_shape=[{c},{side},{side}]", "data.fake_train_size=16",
         "data.fake_test_size=8", "data.fake_num_classes=10",
         "train.batch_size=2", f"train.max_steps={steps}", "train.eval_batch_size=4", "train.max_eval_batches=1",
