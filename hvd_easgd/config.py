@@ -153,7 +153,9 @@ class LaunchConfig:
 class HorovodConfig:
     """Horovod's runtime settings, applied by the trainer before hvd.init() (hvd_easgd/tuning.py)."""
 
-    cycle_time_ms: Optional[float] = None  # HOROVOD_CYCLE_TIME; null: hvd-easgd's default (20 ms); a value you export wins
+    # ms between Horovod's background cycles (HOROVOD_CYCLE_TIME); a value you export wins (with a
+    # warning); null: hvd-easgd's default (hvd_easgd/tuning.py, 20 ms)
+    cycle_time_ms: Optional[float] = None
 
 
 @dataclass
@@ -378,6 +380,11 @@ _NUMBER_RULES = {
     "train.divergence_factor": ">= 0", "log.console_seconds": ">= 0",
     "elastic.min_np": "> 0 or null", "elastic.max_np": "> 0 or null",
 }
+#: how to fix a number out of range, where the rule alone does not say
+_NUMBER_HINTS = {
+    "horovod.cycle_time_ms": " (milliseconds between Horovod's cycles, e.g. 1 for a small model with "
+                             "frequent rounds; null: HOROVOD_CYCLE_TIME from the environment, else 20)",
+}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -424,7 +431,7 @@ def validate(cfg: DictConfig) -> None:
         if value is None and rule.endswith("or null"):
             continue
         if value is None or value < 0 or (value == 0 and rule.startswith("> 0")):
-            raise ConfigError(f"'{key}' must be {rule}, got {value!r}")
+            raise ConfigError(f"'{key}' must be {rule}, got {value!r}{_NUMBER_HINTS.get(key, '')}")
     if cfg.optimizer.momentum >= 1:
         raise ConfigError(f"'optimizer.momentum' must be < 1, got {cfg.optimizer.momentum}")
     beta, alpha = cfg.optimizer.beta, cfg.optimizer.alpha
@@ -511,7 +518,7 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
-    "LogConfig", "CheckpointConfig", "LaunchConfig", "SweepConfig", "ConfigError", "load_config",
+    "LogConfig", "CheckpointConfig", "LaunchConfig", "HorovodConfig", "SweepConfig", "ConfigError", "load_config",
     "config_from_dict", "apply_overrides", "validate", "valid_keys", "save_config", "to_yaml",
     "to_dict", "diff_configs", "METHODS", "MODES", "SINGLE_WORKER_METHODS", "DictConfig", "ListConfig",
 ]

@@ -64,7 +64,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -404,19 +404,21 @@ def run(
 
     from hvd_easgd.trainer import Trainer
 
-    from hvd_easgd.tuning import apply_horovod_settings, recipe_settings
+    from hvd_easgd.tuning import apply_horovod_settings, late_recipe_warning, recipe_settings
 
     cfg = _coerce_config(cfg)
-    if not hvd.is_initialized():  # Horovod reads them in init(); yours are kept
-        apply_horovod_settings(recipe=recipe_settings(cfg.horovod.cycle_time_ms))
+    recipe = recipe_settings(cfg.horovod.cycle_time_ms)
+    notes: List[str] = []  # said by rank 0 once Horovod knows the ranks
+    if not hvd.is_initialized():  # Horovod reads them in init(): the recipe's, else ours or yours
+        apply_horovod_settings(recipe=recipe, warn=notes.append)
         if cfg.optimizer.hierarchy is not None:  # the optimizer registers its process sets
             os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
         hvd.init()
-    elif cfg.horovod.cycle_time_ms is not None:
-        _warn("Horovod was initialised before hvd_easgd.train.run(): the recipe's "
-              "horovod.cycle_time_ms cannot take effect (set HOROVOD_CYCLE_TIME before hvd.init())",
-              hvd.rank())
+    elif recipe:
+        notes.append(late_recipe_warning(recipe) or "")
     rank, size = hvd.rank(), hvd.size()
+    for note in filter(None, notes):
+        _warn(note, rank)
     name = cfg.name or "run"
     if run_dir is None and not cfg.run_dir:
         run_dir = _fresh_default_run_dir(Path("runs") / name, resume, rank)

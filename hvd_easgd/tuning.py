@@ -34,9 +34,11 @@ tables in ``benchmarks/RESULTS.md``):
   step that is at most 20 ms per 2.2 s in sync mode, and nothing in async mode. Where a step
   takes a few tens of milliseconds (GPUs) and rounds are frequent (sync mode, ``tau <= 4``),
   export a shorter cycle (1-5 ms) yourself: ``benchmarks/scale_model.py`` charges half a cycle
-  per round. A recipe sets its own with ``horovod.cycle_time_ms`` (:func:`recipe_settings`):
-  the demo's small model (12 ms steps, a round every 4) waits 42.8 % of its training time at
-  20 ms and 13.7 % at 1 ms (6,099 and 7,965 samples/s).
+  per round. A recipe sets its own with ``horovod.cycle_time_ms`` (:func:`recipe_settings`),
+  applied by the trainer over the launchers' default; a value you exported wins (with a
+  warning when it differs): the demo's small model (12 ms
+  steps, a round every 4) waits 42.8 % of its training time at 20 ms and 13.7 % at 1 ms (6,099
+  and 7,965 samples/s).
 
 Deliberately left alone:
 
@@ -53,7 +55,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Dict, MutableMapping, Optional
+from typing import Callable, Dict, MutableMapping, Optional
 
 #: Set to 0 / false / no / off to disable :func:`apply_horovod_settings`.
 DISABLE_ENV = "HVD_EASGD_TUNE"
@@ -100,52 +102,75 @@ def recipe_settings(cycle_time_ms: Optional[float]) -> Dict[str, str]:
     return {"HOROVOD_CYCLE_TIME": f"{float(cycle_time_ms):g}"}
 
 
-def _apply_recipe(recipe: Dict[str, str], environ: MutableMapping[str, str],
-                  overwrite: bool) -> Dict[str, str]:
-    """The recipe's values, over unset variables and the launchers' defaults; a value the
-    user exported wins, with a warning when it differs."""
-    defaulted = {n.strip() for n in environ.get(DEFAULTED_ENV, "").split(",") if n.strip()}
+def _same(a: str, b: str) -> bool:
+    """The same setting (``"1"`` and ``"1.0"`` are)."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+def _defaulted(name: str, environ: MutableMapping[str, str]) -> bool:
+    """True if ``name`` holds hvd-easgd's own default (a launcher or an earlier call set it and
+    marked it in ``HVD_EASGD_DEFAULTED``), not a value the user chose."""
+    marked = {n.strip() for n in environ.get(DEFAULTED_ENV, "").split(",")}
+    return name in marked and _same(environ.get(name, ""), HOROVOD_SETTINGS.get(name, ""))
+
+
+def _apply_recipe(recipe: Dict[str, str], environ: MutableMapping[str, str], overwrite: bool,
+                  warn: Callable[[str], None]) -> Dict[str, str]:
+    """The recipe's values, over unset variables and hvd-easgd's defaults; a different value
+    the user exported (``export``, ``horovodrun --cycle-time-ms``) wins, with a warning that
+    names both and how to get the recipe's."""
     applied: Dict[str, str] = {}
     for name, value in recipe.items():
-        if overwrite or name not in environ or name in defaulted:
+        if overwrite or name not in environ or _defaulted(name, environ):
             environ[name] = value
             applied[name] = value
-        elif environ[name] != value:
-            warnings.warn(f"{name}={environ[name]} from your environment replaces the recipe's "
-                          f"{value} (horovod.cycle_time_ms); unset {name} to use the recipe's",
-                          RuntimeWarning, stacklevel=3)
+        elif not _same(environ[name], value):
+            warn(f"{name}={environ[name]} from your environment replaces the recipe's "
+                 f"horovod.cycle_time_ms={value}; unset {name} to use the recipe's")
     return applied
+
+
+def _warning(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def apply_horovod_settings(overwrite: bool = False,
                            environ: Optional[MutableMapping[str, str]] = None,
                            settings: Optional[Dict[str, str]] = None,
-                           recipe: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+                           recipe: Optional[Dict[str, str]] = None,
+                           warn: Optional[Callable[[str], None]] = None) -> Dict[str, str]:
     """Put the recommended Horovod settings into the environment; call before ``hvd.init()``.
 
     A variable that is already set (by you, ``horovodrun -x``/``--cycle-time-ms``, or a
     launcher) is kept unless ``overwrite=True``. ``recipe`` (:func:`recipe_settings`) comes
-    first: it also replaces the values a launcher defaulted (``HVD_EASGD_DEFAULTED``), not
-    yours. Does nothing when ``HVD_EASGD_TUNE=0`` (a recipe's value included, with a warning).
-    Returns the variables it set, ``{name: value}`` (empty if none).
+    first: it replaces hvd-easgd's defaults (``HVD_EASGD_DEFAULTED``) silently, but a different
+    value you exported wins, with a warning. Does nothing when ``HVD_EASGD_TUNE=0``
+    (a recipe's value included, with a warning). Returns the variables it set,
+    ``{name: value}`` (empty if none). Warnings go to ``warn(message)`` (default: a
+    ``RuntimeWarning``; the trainer passes them to rank 0 after ``hvd.init()``).
 
     Horovod reads these variables once, in ``hvd.init()``; called later, this warns and
     changes nothing for the running Horovod.
     """
     environ = os.environ if environ is None else environ
+    warn = _warning if warn is None else warn
     if not enabled(environ):
         if recipe:
-            warnings.warn(f"{DISABLE_ENV}=0: the recipe's Horovod settings {recipe} are not "
-                          "applied either", RuntimeWarning, stacklevel=2)
+            warn(f"{DISABLE_ENV}=0: hvd-easgd sets no Horovod variable, so the recipe's "
+                 f"{recipe} (horovod.cycle_time_ms) is not applied either")
         return {}
     if horovod_initialized():
-        warnings.warn("hvd_easgd.tuning.apply_horovod_settings() called after hvd.init(): "
-                      "Horovod has already read its settings; call it before hvd.init()",
-                      RuntimeWarning, stacklevel=2)
+        warn("hvd_easgd.tuning.apply_horovod_settings() called after hvd.init(): "
+             "Horovod has already read its settings; call it before hvd.init()")
         return {}
-    applied = _apply_recipe(recipe or {}, environ, overwrite)
+    applied = _apply_recipe(recipe or {}, environ, overwrite, warn)
     defaulted = [n for n in environ.get(DEFAULTED_ENV, "").split(",") if n]
     for name, value in (HOROVOD_SETTINGS if settings is None else settings).items():
+        if name in (recipe or {}):
+            continue
         if overwrite or name not in environ:
             environ[name] = value
             applied[name] = value
@@ -153,6 +178,22 @@ def apply_horovod_settings(overwrite: bool = False,
     if defaulted:
         environ[DEFAULTED_ENV] = ",".join(dict.fromkeys(defaulted))
     return applied
+
+
+def late_recipe_warning(recipe: Dict[str, str],
+                        environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+    """After ``hvd.init()``: why the recipe's values cannot take effect (None if Horovod
+    already runs with them)."""
+    environ = os.environ if environ is None else environ
+    current = effective_settings(environ)
+    differ = {n: v for n, v in recipe.items() if not _same(current.get(n, environ.get(n, "")), v)}
+    if not differ:
+        return None
+    return ("Horovod was initialised before hvd_easgd.train.run(): the recipe's "
+            + ", ".join(f"{n}={v}" for n, v in differ.items())
+            + " (horovod.cycle_time_ms) cannot take effect, Horovod runs with "
+            + ", ".join(f"{n}={current.get(n, environ.get(n, ''))}" for n in differ)
+            + " (set HOROVOD_CYCLE_TIME before hvd.init())")
 
 
 def effective_settings(environ: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:

@@ -59,6 +59,7 @@ case "$(echo "${HVD_EASGD_TUNE:-1}" | tr '[:upper:]' '[:lower:]' | tr -d '[:spac
     0|false|no|off) ;;
     *) if [[ -z "${HOROVOD_CYCLE_TIME+x}" ]]; then  # our default: a recipe's horovod: may replace it
            export HVD_EASGD_DEFAULTED="${HVD_EASGD_DEFAULTED:+$HVD_EASGD_DEFAULTED,}HOROVOD_CYCLE_TIME"
+           _hvd_env_vars+=(HVD_EASGD_DEFAULTED)  # printed too: eval "$(launch/cluster_env.sh)"
        fi
        _hvd_default HOROVOD_CYCLE_TIME 20 ;;
 esac

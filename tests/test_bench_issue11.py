@@ -230,26 +230,72 @@ def test_apply_sets_defaults_and_keeps_user_values():
     assert tuning.effective_settings({}) == tuning.HOROVOD_DEFAULTS
 
 
-def test_a_recipe_replaces_defaults_but_not_the_users_value():
+def test_a_recipe_replaces_defaults_silently():
     recipe = tuning.recipe_settings(3)
     assert recipe == {"HOROVOD_CYCLE_TIME": "3"} and tuning.recipe_settings(None) == {}
+    assert tuning.recipe_settings(2.5) == {"HOROVOD_CYCLE_TIME": "2.5"}
+    notes = []
     env = {}  # nothing set: the recipe's value, not hvd-easgd's default
-    assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == recipe
+    assert tuning.apply_horovod_settings(environ=env, recipe=recipe, warn=notes.append) == recipe
     assert env["HOROVOD_CYCLE_TIME"] == "3"
     env = {"HOROVOD_CYCLE_TIME": CYCLE, tuning.DEFAULTED_ENV: "HOROVOD_CYCLE_TIME"}  # a launcher
-    assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == recipe
+    assert tuning.apply_horovod_settings(environ=env, recipe=recipe, warn=notes.append) == recipe
     assert env["HOROVOD_CYCLE_TIME"] == "3"
-    env = {"HOROVOD_CYCLE_TIME": "7"}  # exported by the user: kept, with a warning
-    with pytest.warns(RuntimeWarning, match="HOROVOD_CYCLE_TIME=7 from your environment"):
+    env = {"HOROVOD_CYCLE_TIME": "3.0"}  # the user's value is the recipe's: nothing to say
+    tuning.apply_horovod_settings(environ=env, recipe=recipe, warn=notes.append)
+    assert env["HOROVOD_CYCLE_TIME"] == "3.0"
+    env = {}  # overwrite=True restores hvd-easgd's defaults, never over the recipe's value
+    tuning.apply_horovod_settings(overwrite=True, environ=env, recipe=recipe, warn=notes.append)
+    assert env["HOROVOD_CYCLE_TIME"] == "3"
+    assert notes == []
+
+
+def test_the_users_value_wins_over_a_recipe_with_a_warning():
+    recipe = tuning.recipe_settings(3)
+    env = {"HOROVOD_CYCLE_TIME": "7"}  # exported by the user (no launcher marker)
+    with pytest.warns(RuntimeWarning) as caught:
         assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == {}
     assert env["HOROVOD_CYCLE_TIME"] == "7"
+    [message] = [str(w.message) for w in caught]
+    # both values, and how to get the recipe's
+    assert "HOROVOD_CYCLE_TIME=7 from your environment replaces the recipe's" in message
+    assert "horovod.cycle_time_ms=3; unset HOROVOD_CYCLE_TIME" in message
+    notes = []  # the marker names other variables only: still the user's value
+    env = {"HOROVOD_CYCLE_TIME": "7", tuning.DEFAULTED_ENV: "HOROVOD_OTHER"}
+    assert tuning.apply_horovod_settings(environ=env, recipe=recipe, warn=notes.append) == {}
+    assert env["HOROVOD_CYCLE_TIME"] == "7" and len(notes) == 1 and "=7" in notes[0]
+    # marked as ours once, but changed since (exported after eval "$(launch/cluster_env.sh)")
+    notes = []
+    env = {"HOROVOD_CYCLE_TIME": "7", tuning.DEFAULTED_ENV: "HOROVOD_CYCLE_TIME"}
+    assert tuning.apply_horovod_settings(environ=env, recipe=recipe, warn=notes.append) == {}
+    assert env["HOROVOD_CYCLE_TIME"] == "7" and len(notes) == 1
+    # overwrite=True: the recipe's over everything
+    env = {"HOROVOD_CYCLE_TIME": "7"}
+    assert tuning.apply_horovod_settings(overwrite=True, environ=env, recipe=recipe) == recipe
+
+
+def test_a_recipe_is_not_applied_when_tuning_is_off_or_too_late():
+    recipe = tuning.recipe_settings(3)
     env = {tuning.DISABLE_ENV: "0"}
     with pytest.warns(RuntimeWarning, match="not applied either"):
         assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == {}
     assert "HOROVOD_CYCLE_TIME" not in env
+    env = {tuning.DISABLE_ENV: "0", "HOROVOD_CYCLE_TIME": "7"}
+    with pytest.warns(RuntimeWarning, match="not applied either"):
+        assert tuning.apply_horovod_settings(environ=env, recipe=recipe) == {}
+    assert env["HOROVOD_CYCLE_TIME"] == "7"
     env = {}  # null in the recipe: the old behaviour
     assert tuning.apply_horovod_settings(environ=env, recipe=tuning.recipe_settings(None)) == \
         tuning.HOROVOD_SETTINGS
+    env = {"HOROVOD_CYCLE_TIME": "7"}
+    assert tuning.apply_horovod_settings(environ=env, recipe=tuning.recipe_settings(None)) == {}
+    assert env["HOROVOD_CYCLE_TIME"] == "7"
+    # after hvd.init(): the trainer says why the recipe's value is not the one Horovod runs with
+    late = tuning.late_recipe_warning(recipe, {"HOROVOD_CYCLE_TIME": "20"})
+    assert "HOROVOD_CYCLE_TIME=3" in late and "cannot take effect" in late
+    assert "runs with HOROVOD_CYCLE_TIME=20" in late
+    assert "runs with HOROVOD_CYCLE_TIME=1 " in tuning.late_recipe_warning(recipe, {})  # Horovod's
+    assert tuning.late_recipe_warning(recipe, {"HOROVOD_CYCLE_TIME": "3"}) is None
 
 
 @pytest.mark.parametrize("off", ["0", "false", "No", " off "])

@@ -102,9 +102,21 @@ def test_horovod_cycle_time_must_be_positive_or_null(tmp_path):
     demo = REPO / "recipes" / "demo" / "digits.yaml"
     assert load_config(demo).horovod.cycle_time_ms == 1
     assert load_config(demo, ["horovod.cycle_time_ms=null"]).horovod.cycle_time_ms is None
-    for bad in ("0", "-5"):
-        with pytest.raises(ConfigError, match=r"'horovod\.cycle_time_ms' must be > 0 or null"):
+    assert load_config(demo, ["horovod.cycle_time_ms=2.5"]).horovod.cycle_time_ms == 2.5
+    for bad in ("0", "-5", "0.0"):
+        with pytest.raises(ConfigError, match=r"'horovod\.cycle_time_ms' must be > 0 or null, "
+                                              r"got -?0?\.?[05]+.*e\.g\. 1 .*null: HOROVOD_CYCLE_TIME"):
             load_config(demo, [f"horovod.cycle_time_ms={bad}"])
+    with pytest.raises(ConfigError, match=r"horovod\.cycle_time.*valid keys of horovod: cycle_time_ms"):
+        load_config(demo, ["horovod.cycle_time=1"])
+    with pytest.raises(ConfigError, match=r"valid keys of the top level: .*horovod"):
+        load_config(write(tmp_path / "r.yaml", MINIMAL + "horovd:\n  cycle_time_ms: 1\n"))
+    # --print-config shows it, and a resume with another value is a difference it names
+    from hvd_easgd.config import diff_configs, to_yaml
+
+    assert "horovod:\n  cycle_time_ms: 1" in to_yaml(load_config(demo))
+    assert diff_configs(load_config(demo), load_config(demo, ["horovod.cycle_time_ms=20"])) == [
+        "horovod.cycle_time_ms"]
 
 
 def test_alpha_instead_of_beta(tmp_path):

@@ -15,7 +15,7 @@ DIGITS = "recipes/demo/digits.yaml"
 _SCRIPT_VARS = {
     "CONFIG", "NP", "SLOTS", "HOSTS", "CONTROLLER", "TRAIN", "HOROVODRUN", "HOROVODRUN_ARGS",
     "NETWORK_INTERFACE", "CLUSTER_ENV", "LAUNCH_DIR", "DRY_RUN", "HOSTS_FILE", "DISCOVERY",
-    "MIN_NP", "MAX_NP", "ELASTIC_TIMEOUT", "PYTHON",
+    "MIN_NP", "MAX_NP", "ELASTIC_TIMEOUT", "PYTHON", "HVD_EASGD_TUNE", "HVD_EASGD_DEFAULTED",
 }
 
 
@@ -109,6 +109,12 @@ def test_cluster_env():
                  "export NCCL_DEBUG=INFO"]:  # a value set before wins
         assert line in exports
     assert any(line.startswith("export OMP_NUM_THREADS=") for line in exports)
+    # hvd-easgd's default cycle, marked as a default (a recipe's horovod.cycle_time_ms replaces
+    # it without a warning); a value exported before is the user's: not marked
+    assert {"export HOROVOD_CYCLE_TIME=20", "export HVD_EASGD_DEFAULTED=HOROVOD_CYCLE_TIME"} <= set(exports)
+    exports = _run("cluster_env.sh", HOROVOD_CYCLE_TIME="5").stdout.splitlines()
+    assert "export HOROVOD_CYCLE_TIME=5" in exports
+    assert not any("HVD_EASGD_DEFAULTED" in line for line in exports)
     assert _dry("cluster_env.sh", "horovodrun", "-np", "2", "x y") == "horovodrun -np 2 'x y'"
     # Sourced into a shell, it sets the variables and leaves the shell's options alone.
     proc = subprocess.run(

@@ -68,6 +68,24 @@ def test_readme_demo_two_workers(tmp_path):
     assert len(data["workers"]) == 2 and data["world_size"] == 2
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("marker", ["HOROVOD_CYCLE_TIME", None])
+def test_the_recipes_cycle_time_replaces_only_our_default(tmp_path, marker):
+    """--set horovod.cycle_time_ms=3 with HOROVOD_CYCLE_TIME=20 in the environment: Horovod runs
+    with 3 over a launcher's marked default; an unmarked value is the user's: it stays, and rank 0
+    (only) says so."""
+    env = {"HOROVOD_CYCLE_TIME": "20", "HVD_EASGD_DEFAULTED": marker or "", "HVD_EASGD_TUNE": "1"}
+    shrink = ["horovod.cycle_time_ms=3", "train.max_steps=8", "train.eval_every=0",
+              "train.max_eval_batches=1", "checkpoint.every=0", "launch.np=null"]
+    proc = horovodrun([*_train_command(), "--config", DEMO, "--run-dir", str(tmp_path / "run"),
+                       *[a for s in shrink for a in ("--set", s)]], np=2, timeout=170, env=env)
+    assert "[0]<stderr>:[hvd-easgd] done: 8 steps" in proc.stderr
+    used = 3 if marker else 20
+    assert f"of training time waiting (Horovod cycle {used} ms)" in proc.stderr
+    warned = proc.stderr.count("HOROVOD_CYCLE_TIME=20 from your environment replaces the recipe's")
+    assert warned == (0 if marker else 1), proc.stderr[-3000:]
+
+
 CASES = {
     # sync EASGD (dropout on: the RNG state must be restored exactly)
     "easgd_sync": ["optimizer.method=easgd", "optimizer.mode=sync", "optimizer.tau=4"],
