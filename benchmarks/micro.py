@@ -39,6 +39,7 @@ plain optimizer step and amortised per step at ``tau=16``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -193,6 +194,7 @@ class Row:
     seconds: float
     streams: Optional[int] = None
     once_per_round: bool = False
+    cpu_seconds: Optional[float] = None  # this process's CPU per call, every thread
 
 
 PIECE_LABELS = {
@@ -281,12 +283,33 @@ def time_alternatives(model: torch.nn.Module, world: int, repeats: int,
     return rows
 
 
+ALLREDUCE_LABEL = "allreduce (fp32), hvd-easgd's Communicator (kept output)"
+ALLREDUCES = {  # label: (compression, whether the output is kept)
+    ALLREDUCE_LABEL: ("none", True),
+    "allreduce (fp32), hvd.grouped_allreduce_async (new output per call)": ("none", False),
+    "allreduce (fp16 incl. casts), hvd-easgd's Communicator (kept buffers)": ("fp16", True),
+    "allreduce (fp16 incl. casts), Horovod's compressor (new buffers per call)": ("fp16", False),
+}
+
+
+def process_cpu() -> float:
+    """CPU seconds of this process so far, every thread (Horovod's and Gloo's included)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def time_allreduces(model: torch.nn.Module, repeats: int) -> List[Row]:
-    """The round's fused allreduce of a parameter-sized flat buffer, fp32 and fp16."""
+    """The round's allreduce of a parameter-sized flat buffer, fp32 and fp16, as the optimizer
+    starts it (:class:`hvd_easgd.comm.Communicator`: Horovod's output and the fp16 casts kept
+    from round to round) and as ``hvd.grouped_allreduce_async`` with Horovod's compressor does
+    (new tensors every call). Each row also has the process's CPU time per call: a new 100 MB
+    output costs page faults and an ``munmap`` on top of the copy and the sum."""
+    from hvd_easgd.comm import Communicator, ExchangeStats
+
     flat = flat_copy(model)
     counter = iter(range(10**9))
 
-    def allreduce(compression: Any) -> Callable[[], None]:
+    def fresh(compression: Any) -> Callable[[], None]:
         def run() -> None:
             wire, ctx = compression.compress(flat)
             handle = hvd.grouped_allreduce_async([wire], op=hvd.Sum,
@@ -294,10 +317,25 @@ def time_allreduces(model: torch.nn.Module, repeats: int) -> List[Row]:
             compression.decompress(hvd.synchronize(handle)[0], ctx)
         return run
 
-    return [Row("allreduce (fp32)", median_seconds(allreduce(hvd.Compression.none), repeats),
-                once_per_round=True),
-            Row("allreduce (fp16 incl. casts)",
-                median_seconds(allreduce(hvd.Compression.fp16), repeats), once_per_round=True)]
+    def kept(compression: Any) -> Callable[[], None]:
+        comm = Communicator(compression, f"micro.kept.{next(counter)}", ExchangeStats())
+        return lambda: comm.wait(comm.start([flat], next(counter)))
+
+    rows = []
+    for label, (name, keep) in ALLREDUCES.items():
+        compression = getattr(hvd.Compression, name)
+        run = kept(compression) if keep else fresh(compression)
+        cpu: List[float] = []
+
+        def timed(run: Callable[[], None] = run, cpu: List[float] = cpu) -> None:
+            before = process_cpu()
+            run()
+            cpu.append(process_cpu() - before)
+
+        seconds = median_seconds(timed, repeats)
+        rows.append(Row(label, seconds, once_per_round=True,
+                        cpu_seconds=statistics.median(cpu[1:])))  # [0]: the warm-up
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -371,6 +409,7 @@ def table_rows(rows: List[Row]) -> List[Dict[str, Any]]:
             "x_plain_step_by_streams": None if r.streams is None else r.streams / PLAIN_STREAMS,
             "floor_ms": None if r.streams is None else 1000 * r.streams * stream_s,
             "once_per_round": r.once_per_round,
+            "cpu_ms": None if r.cpu_seconds is None else 1000 * r.cpu_seconds,
             f"ms_per_step_at_tau{AMORTISE_TAU}": 1000 * per_step,
         })
     return out
@@ -379,7 +418,7 @@ def table_rows(rows: List[Row]) -> List[Dict[str, Any]]:
 def summarise(rows: List[Row], whole: Dict[int, float]) -> Dict[str, Any]:
     by_name = {r.piece: r for r in rows}
     plain = by_name[PLAIN_LABEL].seconds
-    allreduce = by_name["allreduce (fp32)"].seconds
+    allreduce = by_name[ALLREDUCE_LABEL].seconds
     probe = by_name[PROBE_LABEL]
     stream_s = probe.seconds / probe.streams
     summary: Dict[str, Any] = {
@@ -389,6 +428,8 @@ def summarise(rows: List[Row], whole: Dict[int, float]) -> Dict[str, Any]:
         "plain_step_over_its_floor": plain / (PLAIN_STREAMS * stream_s),
         "allreduce_ms": 1000 * allreduce,
         "round_overhead_ms": 1000 * (whole[1] - plain),
+        "allreduce_cpu_ms": {r.piece: 1000 * r.cpu_seconds for r in rows
+                             if r.cpu_seconds is not None},
         "target_x_plain_step": TARGET_X_PLAIN,
         "target_streams": int(TARGET_X_PLAIN * PLAIN_STREAMS),
     }
@@ -440,6 +481,10 @@ def render(payload: Dict[str, Any]) -> str:
             f"{m['local_math_over_allreduce']:.2f} x the allreduce ({s['allreduce_ms']:.1f} ms)")
     lines.append(f"the target ({s['target_x_plain_step']:.2f} x a plain step) allows at most "
                  f"{s['target_streams']} streams per round when both run at the same bandwidth")
+    cpu = s.get("allreduce_cpu_ms") or {}
+    if cpu:
+        lines += ["", "CPU per allreduce, this process (every thread; wall in the table):"]
+        lines += [f"  {ms:7.1f} ms  {label}" for label, ms in cpu.items()]
     return "\n".join(lines)
 
 

@@ -47,6 +47,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("easgd-sync-tau16", "easgd-async-tau16")
+#: ``no-comm`` (each worker alone under Horovod, no collective at all): what Horovod and the
+#: launcher cost with nothing on the wire
+CHOICES = VARIANTS + ("no-comm",)
 TRAINING = "MainThread"
 EXCHANGE = "hvd-easgd-exchange"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -647,7 +650,7 @@ def render_cpu(cpu: Dict[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=CHOICES)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of profile")
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--settle", type=float, default=2.0,

@@ -39,7 +39,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import horovod.torch as hvd
 import torch
 
-from hvd_easgd.comm import Communicator, ExchangeStats, Pending, wait_for_handle
+from hvd_easgd.comm import Communicator, ExchangeStats, Pending, allreduce_into, wait_for_handle
 
 HOST = "host"
 SETS_HINT = (
@@ -238,23 +238,18 @@ class SlicedCommunicator(Communicator):
     def start(self, tensors: Sequence[torch.Tensor], round_index: int) -> Pending:
         n, j = self.topology.group_size, self.topology.local_index
         parts = [t[bounds(t.numel(), n, j)] for t in tensors]
-        compressed, contexts = zip(*(self.compression.compress(p) for p in parts))
+        sent, outputs, contexts = self.wire.send(parts)
         started = time.perf_counter()
-        handle = hvd.grouped_allreduce_async(
-            list(compressed), op=hvd.Sum, name=f"{self.name}.round{round_index}",
-            process_set=self.topology.cross_set,
-        )
-        sent = sum(t.numel() * t.element_size() for t in compressed)
-        self.stats.allreduce_calls += 1
-        self.stats.bytes_communicated += sent
-        self.stats.cross_group_bytes += sent
+        handle = allreduce_into(sent, outputs, f"{self.name}.round{round_index}",
+                                self.topology.cross_set)
+        self._count(sent)
         return SlicedPending(handle, tuple(contexts), started, round_index)
 
     def wait(self, pending: Pending,
              cancelled: Callable[[], bool] = lambda: False) -> List[torch.Tensor]:
         assert isinstance(pending, SlicedPending)
         outputs = wait_for_handle(pending.handle, cancelled)
-        parts = [self.compression.decompress(o, c) for o, c in zip(outputs, pending.contexts)]
+        parts = self.wire.receive(outputs, pending.contexts)
         handle = hvd.grouped_allgather_async(
             parts, name=f"{self.name}.gather{pending.round_index}",
             process_set=self.topology.group_set,

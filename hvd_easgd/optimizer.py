@@ -111,7 +111,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             Horovod Elastic sync).
 
     Memory: the center (1x the synchronised tensors), one round buffer in sync mode and two in
-    async mode, plus Horovod's output buffer for the round on the wire: about 3x the parameter
+    async mode, plus one output for the round on the wire, kept from round to round (no
+    allocation per round, :mod:`hvd_easgd.comm`): about 3x the parameter
     bytes in sync mode, 4x in async mode. A Horovod Elastic commit keeps 2x more (see
     :mod:`hvd_easgd.recovery`).
     """

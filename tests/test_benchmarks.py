@@ -120,6 +120,12 @@ def test_micro_single_process(tmp_path):
     assert sync["x_plain_step"] == pytest.approx(summary["sync"]["local_math_over_plain_step"])
     assert "piece |" in proc.stdout and "allreduce (fp32)" in proc.stdout
     assert "round's local math, async" in proc.stdout and "x a plain step" in proc.stdout
+    # the optimizer's allreduce (kept output) beside Horovod's (a new one per call), with CPU
+    cpu = summary["allreduce_cpu_ms"]
+    assert len(cpu) == 4 and all(v >= 0 for v in cpu.values())
+    assert any("Communicator (kept output)" in k for k in cpu)
+    assert any("new output per call" in k for k in cpu)
+    assert "CPU per allreduce" in proc.stdout
 
 
 if __name__ == "__main__":

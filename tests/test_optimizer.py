@@ -448,3 +448,59 @@ def test_old_state_dict_loads_with_warning(hvd1):
     local_backward(model2, opt, case, 0, 3)
     opt.step()
     opt.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("compression,dtype", [("none", torch.float32), ("fp16", torch.float32),
+                                               ("none", torch.bfloat16), ("fp16", torch.float16)])
+def test_rounds_reuse_their_wire_buffers(hvd1, compression, dtype):
+    """Horovod's output (and the cast copies) are allocated once per round buffer, not per
+    round; the sums are those of Horovod's own compressor."""
+    from hvd_easgd.comm import Communicator, ExchangeStats
+
+    comp = getattr(hvd1.Compression, compression)
+    comm = Communicator(comp, f"wire.{compression}.{dtype}", ExchangeStats())
+    buffers = [torch.randn(1000).to(dtype), torch.randn(7).to(dtype)]
+    seen = []  # the results are held, so fresh ones could not reuse their memory
+    for round_index in range(3):
+        for b in buffers:
+            b.normal_()
+        result = comm.wait(comm.start(buffers, round_index))
+        expected = [comp.decompress(*comp.compress(b)) for b in buffers]  # one worker: the sum
+        for got, want, b in zip(result, expected, buffers):
+            assert got.dtype == b.dtype and got.shape == b.shape
+            assert torch.equal(got, want)
+        seen.append(result)
+    assert all(a is b for r in seen[1:] for a, b in zip(r, seen[0]))
+    # async mode's other round buffer (same layout) goes through the same kept buffers
+    other = [torch.randn(1000).to(dtype), torch.randn(7).to(dtype)]
+    result = comm.wait(comm.start(other, 9))
+    assert all(a is b for a, b in zip(result, seen[0]))
+    assert all(torch.equal(a, comp.decompress(*comp.compress(b))) for a, b in zip(result, other))
+    comm.wire.forget()  # after a cancelled round: fresh buffers
+    result = comm.wait(comm.start(buffers, 3))
+    assert not any(a is b for a, b in zip(result, seen[0]))
+    assert comm.stats.allreduce_calls == 5
+
+
+@pytest.mark.timeout(60)
+def test_a_compressor_of_your_own_is_called_as_horovod_calls_it(hvd1):
+    from hvd_easgd.comm import Communicator, ExchangeStats
+
+    calls = []
+
+    class Halves(hvd1.Compression.none):
+        @staticmethod
+        def compress(tensor):
+            calls.append("compress")
+            return tensor / 2, None
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            calls.append("decompress")
+            return tensor * 2
+
+    comm = Communicator(Halves, "wire.custom", ExchangeStats())
+    buffer = torch.arange(6, dtype=torch.float32)
+    assert torch.equal(comm.wait(comm.start([buffer], 0))[0], buffer)
+    assert calls == ["compress", "decompress"]
