@@ -118,7 +118,7 @@ class RoundMath:
     Built as the optimizer builds it (``group_tensors`` of the named parameters, a
     ``CenterState`` with 1 round slot in sync mode and 2 in async mode, ``reset_from_live``,
     ``allocate_rounds``); each method is one piece of the optimizer's round, calling the same
-    methods with the same arguments (``ElasticOptimizer._start_round``/``_seal``/``_apply``).
+    methods with the same arguments (``Rounds._start``/``_seal``/``apply`` in ``hvd_easgd.rounds``).
     ``totals`` stands for the allreduce's output: a separate buffer holding a realistic sum.
     """
 
@@ -175,7 +175,7 @@ class RoundMath:
                 "finite": self.finite, "rule": self.rule_apply, "pull": self.pull}[name]
 
     def sync_round(self) -> None:
-        """``_start_round`` (seal from live) then ``_apply`` (check, rule, pull)."""
+        """``Rounds._start`` (seal from live) then ``Rounds.apply`` (check, rule, pull)."""
         self.seal_live()
         self.finite()
         self.pull(self.rule_apply())

@@ -168,6 +168,7 @@ TRAINING_RULES: List[Tuple[str, Match]] = [
     ("round: non-finite recovery", any_of(py("skip_round"), py("nonfinite_ranks"),
                                           py("CenterState.bad_ranks"))),
     ("EASGD step bookkeeping", any_of(in_file("hvd_easgd/optimizer.py"),
+                                      in_file("hvd_easgd/rounds.py"),
                                       in_file("hvd_easgd/recovery.py"))),
     ("local optimizer step", in_file("torch/optim/", exclude="torch/optim/optimizer.py")),
     ("zero_grad", lambda f: f.python and f.function.endswith("zero_grad")),

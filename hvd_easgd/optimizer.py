@@ -5,10 +5,11 @@ communication round: one fused Horovod allreduce of the parameters (as differenc
 center) updates every worker's replica of the center variable and pulls the worker toward it.
 The replicas receive identical updates, so they stay bit-identical without a parameter server.
 
-The class does the algorithm only. The math lives in :mod:`hvd_easgd.elastic`, the buffers,
-state dicts and commits in :mod:`hvd_easgd.center`, the communication in :mod:`hvd_easgd.comm`,
-Horovod Elastic and non-finite workers in :mod:`hvd_easgd.recovery`, argument checks in
-:mod:`hvd_easgd.checks`.
+The class decides when a round happens and owns the state it changes. A round's life (start,
+wait or overlap, apply) is in :mod:`hvd_easgd.rounds`, the math in :mod:`hvd_easgd.elastic`, the
+buffers, state dicts and commits in :mod:`hvd_easgd.center`, the communication in
+:mod:`hvd_easgd.comm`, Horovod Elastic and non-finite workers in :mod:`hvd_easgd.recovery`,
+argument checks in :mod:`hvd_easgd.checks`.
 
 :func:`DistributedOptimizer` is a drop-in for ``hvd.DistributedOptimizer``: change the one call
 and an existing Horovod script trains with EASGD.
@@ -19,10 +20,9 @@ from __future__ import annotations
 import atexit
 import itertools
 import math
-import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import horovod.torch as hvd
 import torch
@@ -37,13 +37,14 @@ from hvd_easgd.checks import (
     resolve_coefficients, signature,
 )
 from hvd_easgd.comm import BackgroundExchange, ExchangeStats
-from hvd_easgd.elastic import ElasticRule, buffer_rule, update_center_average
+from hvd_easgd.elastic import ElasticRule, buffer_rule
 from hvd_easgd.flat import group_tensors
 from hvd_easgd import hierarchy as hier
 from hvd_easgd.outer import (
     OuterFactory, OuterRule, build_outer, center_parameters, check_outer_options, describe,
     nesterov, outer_state,
 )
+from hvd_easgd.rounds import Rounds
 
 __all__ = ["ElasticOptimizer", "DistributedOptimizer", "DEFAULT_BETA", "MODES"]
 
@@ -161,23 +162,22 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self._elastic_ready = True
 
         self._signature_tensors = (named, buffers)
-        self._groups = group_tensors(named, buffers)
+        self.groups = group_tensors(named, buffers)
         self.buffers = CenterState(
-            self._groups, velocity=method == "mdownpour", average=center_average is not None,
+            self.groups, velocity=method == "mdownpour", average=center_average is not None,
             slots=2 if self.mode == "async" else 1,
         )
         if outer_optimizer is None and method == "diloco":
             outer_optimizer = nesterov()
         self.outer_optimizer = None if outer_optimizer is None else build_outer(
-            outer_optimizer, center_parameters(self._groups, self.buffers.center_views))
+            outer_optimizer, center_parameters(self.groups, self.buffers.center_views))
         self.buffers.outer = self.outer_optimizer
         self.stats = ExchangeStats()
         self.communicator = hier.make_communicator(
             self.topology, compression, f"hvd_easgd.{next(_instance_ids)}", self.stats)
-        self._exchange = BackgroundExchange(self.communicator) if mode == "async" else None
+        self.rounds = Rounds(
+            self, BackgroundExchange(self.communicator) if mode == "async" else None)
         self.counters = Counters()
-        self._slot_in_flight: Optional[int] = None
-        self._error: Optional[BaseException] = None
         self._closed = False
         self._configure_world()
         # Under Horovod Elastic, collectives here could deadlock a joining worker against the
@@ -236,9 +236,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if self.outer_optimizer is None:
             self.rule = ElasticRule(self.method, alpha, peers, self.master_momentum)
         else:
-            self.rule = OuterRule(self.method, alpha, peers, self.outer_optimizer, self._groups,
+            self.rule = OuterRule(self.method, alpha, peers, self.outer_optimizer, self.groups,
                                   self.buffers.centers, self.buffers.center_views)
-        self._buffer_rule = buffer_rule(peers)
+        self.buffer_rule = buffer_rule(peers)
         self.buffers.allocate_rounds()
         self.world = (size, rank)
 
@@ -268,51 +268,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if self.counters.step % self.tau:
             return self.optimizer.step(closure)
         recovery.follow_world(self)
-        if self._exchange is None or self.world[0] == 1:
-            # A single worker has no communication to hide: a late round would only pull it
-            # back toward where it was tau steps ago (alpha = beta with p = 1).
-            return self._sync_round(closure)
-        return self._async_round(closure)
-
-    def _sync_round(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
-        if self.rule.snapshot_before_step:
-            # Sync EASGD: nothing moves the center before this round lands, so its
-            # allreduce can run while the local optimizer updates the parameters.
-            pending = self._start_round(0)
-            loss = self.optimizer.step(closure)
-        else:
-            loss = self.optimizer.step(closure)
-            pending = self._start_round(0)
-        started = time.perf_counter()
-        totals = self.communicator.wait(pending)
-        self.stats.wait_seconds += time.perf_counter() - started
-        self.stats.stalls += 1
-        self._apply(0, totals)
-        return loss
-
-    def _async_round(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
-        assert self._exchange is not None
-        slot = 1 if self._slot_in_flight == 0 else 0
-        if self.rule.snapshot_before_step:
-            self.buffers.snapshot(slot)
-        loss = self.optimizer.step(closure)
-        restarted = self._finish_round() if self._exchange.in_flight else False
-        if restarted or not self.rule.snapshot_before_step:
-            # After the previous round landed: a pulling method's difference must not count
-            # again the pull the worker has just received (and a worker that has just
-            # restarted from the center must not send the values it was restarted from).
-            self.buffers.snapshot(slot)
-        else:
-            # Buffers are averaged like a pulling method's parameters whatever the method:
-            # send them as they are after the previous round's average has landed.
-            for group, views in zip(self._groups, self.buffers.round_views[slot]):
-                k = group.num_params
-                if k < len(group.tensors):
-                    torch._foreach_copy_(list(views[k:]), group.tensors[k:])
-        self._seal(slot)
-        self._exchange.submit(self.buffers.rounds[slot], self.counters.round)
-        self._slot_in_flight = slot
-        return loss
+        return self.rounds.run(closure)
 
     def synchronize(self) -> None:
         """Wait for the round in flight and apply it (async mode); a no-op in sync mode.
@@ -321,74 +277,15 @@ class ElasticOptimizer(torch.optim.Optimizer):
         step, as with any collective.
         """
         self._raise_if_failed()
-        if self._exchange is not None and self._exchange.in_flight:
-            self._finish_round()
-
-    def _start_round(self, slot: int):
-        self._seal(slot, from_live=True)
-        return self.communicator.start(self.buffers.rounds[slot], self.counters.round)
-
-    def _seal(self, slot: int, from_live: bool = False) -> None:
-        # d = snapshot - center, against the center this round will be applied to: nothing
-        # changes the center between here and the round's application.
-        self.buffers.seal(slot, from_live)
-        self.counters.round += 1
-        self.stats.rounds += 1
-
-    def _finish_round(self) -> bool:
-        assert self._exchange is not None and self._slot_in_flight is not None
-        try:
-            totals, waited, stalled = self._exchange.collect()
-        except BaseException as error:
-            self._error = error
-            raise
-        finally:
-            slot, self._slot_in_flight = self._slot_in_flight, None
-        self.stats.wait_seconds += waited
-        self.stats.stalls += int(stalled)
-        return self._apply(slot, totals)
-
-    @torch.no_grad()
-    def _apply(self, slot: int, totals: Sequence[torch.Tensor]) -> bool:
-        """Apply a round that has landed; return whether this worker restarted instead."""
-        if not self.buffers.round_is_finite(totals):
-            return recovery.skip_round(self, recovery.nonfinite_ranks(self, slot))
-        self.counters.bad_streak = 0
-        for gi, group in enumerate(self._groups):
-            center, diff, total = self.buffers.centers[gi], self.buffers.rounds[slot][gi], totals[gi]
-            n = group.param_numel
-            velocity = self.buffers.velocity[gi][:n] if self.buffers.velocity is not None else None
-            scale = self.rule.apply(center[:n], diff[:n], total[:n], velocity) if n else 1.0
-            if n < group.numel:
-                self._buffer_rule.apply(center[n:group.numel], diff[n:group.numel],
-                                        total[n:group.numel])
-            group.scatter_add(self.buffers.round_views[slot][gi], alpha=scale)
-            if self.buffers.averages is not None:
-                rounds = self.counters.round - (1 if self._slot_in_flight is not None else 0)
-                update_center_average(self.buffers.averages[gi], center, self.center_average,
-                                      rounds, self.center_average_rate)
-        return False
-
-    def _drop_round_in_flight(self) -> None:
-        """Abandon the round on the wire (an elastic reset): nobody applies it."""
-        if self._exchange is not None and self._exchange.cancel():
-            self.counters.round -= 1
-            self.stats.dropped_rounds += 1
-        self._slot_in_flight = None
+        if self.rounds.in_flight:
+            self.rounds.finish()
 
     def _raise_if_failed(self) -> None:
         if self._closed:
             raise RuntimeError("this ElasticOptimizer was closed; create a new one to go on")
         if not self.synced:
             raise RuntimeError(recovery.NOT_SYNCED)
-        if self._error is None and self._exchange is not None and self._exchange.failed():
-            self._finish_round()  # re-raises the round's own exception, here
-        if self._error is not None:
-            raise RuntimeError(
-                "an earlier EASGD round failed (see the cause above); this optimizer cannot "
-                "go on. Restart the job, resuming from the last checkpoint (or run it under "
-                "hvd.elastic.run, which restores the last commit)."
-            ) from self._error
+        self.rounds.raise_if_failed()
 
     # ------------------------------------------------------------------ results
 
@@ -414,7 +311,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
     def local_distance(self) -> float:
         """``||x - c||_2`` over the parameters: how far this worker has wandered."""
         total = 0.0
-        for group, views in zip(self._groups, self.buffers.center_views):
+        for group, views in zip(self.groups, self.buffers.center_views):
             k = group.num_params
             if k:
                 diffs = torch._foreach_sub(group.tensors[:k], views[:k])
@@ -497,14 +394,10 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         try:
-            if (self._error is None and self.synced and self._exchange is not None
-                    and self._exchange.in_flight):
-                self._finish_round()
+            self.rounds.close(apply_in_flight=self.synced)
         except Exception as error:  # noqa: BLE001 - closing must not hang or mask the cause
             warnings.warn(f"the last EASGD round failed while closing: {error!r}")
         finally:
-            if self._exchange is not None:
-                self._exchange.close(timeout=60.0)
             self._closed = True
             atexit.unregister(self._at_exit)
 

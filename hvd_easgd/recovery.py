@@ -143,7 +143,7 @@ def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
             f"{streak} consecutive rounds, even after restarting from the center "
             f"(nonfinite_patience={patience}). Training diverges there: {fix}."
         )
-        opt._error = error
+        opt.rounds.error = error
         raise error
     return restarted
 
@@ -154,7 +154,7 @@ def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
 def follow_world(opt: "ElasticOptimizer") -> None:
     """Notice a reset that Horovod did not sync (hosts only removed): re-derive alpha & co."""
     if (hvd.size(), hvd.rank()) != opt.world:
-        opt._drop_round_in_flight()
+        opt.rounds.drop_in_flight()
         opt._configure_world()
         opt.stats.resets += 1
 
@@ -166,9 +166,9 @@ def sync_workers(opt: "ElasticOptimizer") -> None:
     the center of the lowest-ranked survivor (a worker that has trained in this job before);
     survivors keep their local optimizer state, joiners start with a fresh one.
     """
-    opt._drop_round_in_flight()
+    opt.rounds.drop_in_flight()
     opt._configure_world()
-    opt._error = None
+    opt.rounds.error = None
     survivor = opt.synced
     mine = (survivor, opt.signature() if opt.check_consistency else None)
     everyone = hvd.allgather_object(mine, name=f"{opt.communicator.name}.sync.who")
@@ -215,8 +215,8 @@ def _handler_class():
 
         def restore(self) -> None:
             opt = self.value
-            opt._drop_round_in_flight()
-            opt._error = None
+            opt.rounds.drop_in_flight()
+            opt.rounds.error = None
             assert self._saved is not None
             opt.counters = restore_commit(opt.buffers, opt.optimizer, self._saved)
             opt._link()

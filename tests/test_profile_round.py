@@ -20,8 +20,8 @@ MAIN = "thread (100): MainThread;0x1 (libc.so.6);<module> (throughput.py:456);ma
 TIMED = MAIN + ";measure (throughput.py:183);measure.<locals>.step (throughput.py:165)"
 STEP = TIMED + (";Optimizer.profile_hook_step.<locals>.wrapper (torch/optim/optimizer.py:549)"
                 ";ElasticOptimizer.step (hvd_easgd/optimizer.py:218)")
-SYNC = STEP + ";ElasticOptimizer._sync_round (hvd_easgd/optimizer.py:230)"
-APPLY = SYNC + ";ElasticOptimizer._apply (hvd_easgd/optimizer.py:340)"
+SYNC = STEP + ";Rounds.run (hvd_easgd/rounds.py:55);Rounds.sync (hvd_easgd/rounds.py:68)"
+APPLY = SYNC + ";Rounds.apply (hvd_easgd/rounds.py:130)"
 WAIT = SYNC + ";Communicator.wait (hvd_easgd/comm.py:126);wait_for_handle (hvd_easgd/comm.py:92)"
 EXCHANGE = ("thread (200): hvd-easgd-exchange;0x2 (libc.so.6);thread_run (libpython3.11.so.1.0)"
             ";Thread.run (threading.py:982);BackgroundExchange.submit.<locals>.wait "
@@ -37,8 +37,8 @@ SYNTHETIC = "\n".join([
     # The local step runs inside ElasticOptimizer.step: the innermost anchor (sgd.py) wins.
     SYNC + ";Optimizer.profile_hook_step.<locals>.wrapper (torch/optim/optimizer.py:549)"
            ";SGD.step (torch/optim/sgd.py:130);_single_tensor_sgd (torch/optim/sgd.py:380) 10",
-    SYNC + ";ElasticOptimizer._start_round (hvd_easgd/optimizer.py:317);ElasticOptimizer._seal "
-           "(hvd_easgd/optimizer.py:322);CenterState.seal (hvd_easgd/center.py:98);sub "
+    SYNC + ";Rounds._start (hvd_easgd/rounds.py:176);Rounds._seal "
+           "(hvd_easgd/rounds.py:183);CenterState.seal (hvd_easgd/center.py:98);sub "
            "(libtorch_cpu.so) 4",
     APPLY + ";CenterState.round_is_finite (hvd_easgd/center.py:110) 2",
     APPLY + ";ElasticRule.apply (hvd_easgd/elastic.py:95) 3",

@@ -77,7 +77,7 @@ def run_commit(item, rank):
     train_steps(case, model, opt, rank, save_at, case.steps)
     opt.synchronize()
     first = snapshot(case, opt, model)
-    opt._drop_round_in_flight()  # what the state handler's restore() does
+    opt.rounds.drop_in_flight()  # what the state handler's restore() does
     opt.counters = restore_commit(opt.buffers, opt.optimizer, commit)
     opt._link()
     recovery.sync_workers(opt)

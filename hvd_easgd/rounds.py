@@ -1,0 +1,181 @@
+"""The life of one communication round: start it, wait for it (or let it fly), apply it.
+
+:class:`~hvd_easgd.ElasticOptimizer` decides *when* a round happens (every ``tau``-th step) and
+owns the state a round reads and writes (the center buffers, the counters, the rule).
+:class:`Rounds` runs the round itself:
+
+- **sync** (:meth:`Rounds.sync`): seal ``d = x - c``, start the allreduce, wait for it
+  (sleeping, :mod:`hvd_easgd.comm`), apply it. For EASGD the allreduce runs while the local
+  optimizer steps, since nothing moves the center before the round lands.
+- **async** (:meth:`Rounds.overlap`): seal this round into the free one of two round buffers
+  and hand it to the background exchange; the round started ``tau`` steps ago is applied
+  first, at the same point. Training never waits unless a round is still on the wire when
+  the next one is due.
+
+A round that fails (a peer died, a non-finite streak ran out) is kept in :attr:`Rounds.error`:
+every later call raises, naming that cause, until a Horovod Elastic reset clears it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import torch
+
+from hvd_easgd import recovery
+from hvd_easgd.comm import BackgroundExchange
+from hvd_easgd.elastic import update_center_average
+
+if TYPE_CHECKING:
+    from hvd_easgd.optimizer import ElasticOptimizer
+
+Closure = Optional[Callable[[], float]]
+
+
+class Rounds:
+    """Runs the rounds of one :class:`~hvd_easgd.ElasticOptimizer` (see the module docstring).
+
+    Args:
+        opt: the optimizer whose buffers, counters, rule and statistics the rounds use. Held,
+            not copied: a state dict or an elastic reset replaces ``opt.counters``.
+        exchange: the background exchange of async mode, ``None`` in sync mode.
+    """
+
+    def __init__(self, opt: "ElasticOptimizer", exchange: Optional[BackgroundExchange]) -> None:
+        self.opt = opt
+        self.exchange = exchange
+        self.slot_in_flight: Optional[int] = None
+        self.error: Optional[BaseException] = None
+
+    def run(self, closure: Closure) -> Optional[float]:
+        """The ``tau``-th step: the local step and a round, in the optimizer's mode."""
+        if self.exchange is None or self.opt.world[0] == 1:
+            # A single worker has no communication to hide: a late round would only pull it
+            # back toward where it was tau steps ago (alpha = beta with p = 1).
+            return self.sync(closure)
+        return self.overlap(closure)
+
+    def sync(self, closure: Closure) -> Optional[float]:
+        """Start a round, wait for it and apply it, around the local step."""
+        opt = self.opt
+        if opt.rule.snapshot_before_step:
+            # Sync EASGD: nothing moves the center before this round lands, so its
+            # allreduce can run while the local optimizer updates the parameters.
+            pending = self._start(0)
+            loss = opt.optimizer.step(closure)
+        else:
+            loss = opt.optimizer.step(closure)
+            pending = self._start(0)
+        started = time.perf_counter()
+        totals = opt.communicator.wait(pending)
+        opt.stats.wait_seconds += time.perf_counter() - started
+        opt.stats.stalls += 1
+        self.apply(0, totals)
+        return loss
+
+    def overlap(self, closure: Closure) -> Optional[float]:
+        """Apply the round in flight (if any) and send this one to the background exchange."""
+        opt, exchange = self.opt, self.exchange
+        assert exchange is not None
+        slot = 1 if self.slot_in_flight == 0 else 0
+        if opt.rule.snapshot_before_step:
+            opt.buffers.snapshot(slot)
+        loss = opt.optimizer.step(closure)
+        restarted = self.finish() if exchange.in_flight else False
+        if restarted or not opt.rule.snapshot_before_step:
+            # After the previous round landed: a pulling method's difference must not count
+            # again the pull the worker has just received (and a worker that has just
+            # restarted from the center must not send the values it was restarted from).
+            opt.buffers.snapshot(slot)
+        else:
+            # Buffers are averaged like a pulling method's parameters whatever the method:
+            # send them as they are after the previous round's average has landed.
+            for group, views in zip(opt.groups, opt.buffers.round_views[slot]):
+                k = group.num_params
+                if k < len(group.tensors):
+                    torch._foreach_copy_(list(views[k:]), group.tensors[k:])
+        self._seal(slot)
+        exchange.submit(opt.buffers.rounds[slot], opt.counters.round)
+        self.slot_in_flight = slot
+        return loss
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a round is on the wire (async mode)."""
+        return self.exchange is not None and self.exchange.in_flight
+
+    def finish(self) -> bool:
+        """Wait for the round in flight and apply it; return whether this worker restarted."""
+        assert self.exchange is not None and self.slot_in_flight is not None
+        try:
+            totals, waited, stalled = self.exchange.collect()
+        except BaseException as error:
+            self.error = error
+            raise
+        finally:
+            slot, self.slot_in_flight = self.slot_in_flight, None
+        self.opt.stats.wait_seconds += waited
+        self.opt.stats.stalls += int(stalled)
+        return self.apply(slot, totals)
+
+    @torch.no_grad()
+    def apply(self, slot: int, totals: Sequence[torch.Tensor]) -> bool:
+        """Apply a round that has landed; return whether this worker restarted instead."""
+        opt = self.opt
+        buffers = opt.buffers
+        if not buffers.round_is_finite(totals):
+            return recovery.skip_round(opt, recovery.nonfinite_ranks(opt, slot))
+        opt.counters.bad_streak = 0
+        for gi, group in enumerate(opt.groups):
+            center, diff, total = buffers.centers[gi], buffers.rounds[slot][gi], totals[gi]
+            n = group.param_numel
+            velocity = buffers.velocity[gi][:n] if buffers.velocity is not None else None
+            scale = opt.rule.apply(center[:n], diff[:n], total[:n], velocity) if n else 1.0
+            if n < group.numel:
+                opt.buffer_rule.apply(center[n:group.numel], diff[n:group.numel],
+                                      total[n:group.numel])
+            group.scatter_add(buffers.round_views[slot][gi], alpha=scale)
+            if buffers.averages is not None:
+                rounds = opt.counters.round - (1 if self.slot_in_flight is not None else 0)
+                update_center_average(buffers.averages[gi], center, opt.center_average,
+                                      rounds, opt.center_average_rate)
+        return False
+
+    def drop_in_flight(self) -> None:
+        """Abandon the round on the wire (an elastic reset): nobody applies it."""
+        if self.exchange is not None and self.exchange.cancel():
+            self.opt.counters.round -= 1
+            self.opt.stats.dropped_rounds += 1
+        self.slot_in_flight = None
+
+    def raise_if_failed(self) -> None:
+        """Raise if a round failed: its own exception first, then a pointer to it."""
+        if self.error is None and self.exchange is not None and self.exchange.failed():
+            self.finish()  # re-raises the round's own exception, here
+        if self.error is not None:
+            raise RuntimeError(
+                "an earlier EASGD round failed (see the cause above); this optimizer cannot "
+                "go on. Restart the job, resuming from the last checkpoint (or run it under "
+                "hvd.elastic.run, which restores the last commit)."
+            ) from self.error
+
+    def close(self, apply_in_flight: bool) -> None:
+        """Stop the background exchange, first applying the round in flight if asked to."""
+        try:
+            if apply_in_flight and self.error is None and self.in_flight:
+                self.finish()
+        finally:
+            if self.exchange is not None:
+                self.exchange.close(timeout=60.0)
+
+    def _start(self, slot: int):
+        self._seal(slot, from_live=True)
+        return self.opt.communicator.start(self.opt.buffers.rounds[slot], self.opt.counters.round)
+
+    def _seal(self, slot: int, from_live: bool = False) -> None:
+        # d = snapshot - center, against the center this round will be applied to: nothing
+        # changes the center between here and the round's application.
+        self.opt.buffers.seal(slot, from_live)
+        self.opt.counters.round += 1
+        self.opt.stats.rounds += 1
