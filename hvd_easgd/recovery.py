@@ -166,9 +166,8 @@ def sync_workers(opt: "ElasticOptimizer") -> None:
     the center of the lowest-ranked survivor (a worker that has trained in this job before);
     survivors keep their local optimizer state, joiners start with a fresh one.
     """
-    opt.rounds.drop_in_flight()
+    opt.rounds.reset()
     opt._configure_world()
-    opt.rounds.error = None
     survivor = opt.synced
     mine = (survivor, opt.signature() if opt.check_consistency else None)
     everyone = hvd.allgather_object(mine, name=f"{opt.communicator.name}.sync.who")
@@ -215,8 +214,7 @@ def _handler_class():
 
         def restore(self) -> None:
             opt = self.value
-            opt.rounds.drop_in_flight()
-            opt.rounds.error = None
+            opt.rounds.reset()
             assert self._saved is not None
             opt.counters = restore_commit(opt.buffers, opt.optimizer, self._saved)
             opt._link()

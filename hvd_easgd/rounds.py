@@ -149,6 +149,11 @@ class Rounds:
             self.opt.stats.dropped_rounds += 1
         self.slot_in_flight = None
 
+    def reset(self) -> None:
+        """After a Horovod Elastic reset or restore: drop the round on the wire, forget failures."""
+        self.drop_in_flight()
+        self.error = None
+
     def raise_if_failed(self) -> None:
         """Raise if a round failed: its own exception first, then a pointer to it."""
         if self.error is None and self.exchange is not None and self.exchange.failed():
