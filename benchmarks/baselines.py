@@ -68,6 +68,8 @@ ROW_INFO = {
     "torch-averager": "torch PeriodicModelAverager(period=tau): local SGD, parameter allreduce "
                       "every tau steps",
     "hvd-sgd": "hvd.DistributedOptimizer (gradient allreduce every step)",
+    "easgd-synclate": "hvd_easgd EASGD, sync, every round started at its own step "
+                      "(start_early=False)",
     "easgd-sync": "hvd_easgd EASGD, sync",
     "easgd-async": "hvd_easgd EASGD, async",
     "hvd-nocomm": "diagnostic: no communication inside a Horovod job",

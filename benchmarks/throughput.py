@@ -76,14 +76,21 @@ class Variant:
     method: Optional[str] = None
     mode: Optional[str] = None
     tau: Optional[int] = None
+    start_early: bool = True
 
 
-def build_variants(taus: Sequence[int], baseline_tau: int) -> List[Variant]:
+def build_variants(taus: Sequence[int], baseline_tau: int, extra: bool = False) -> List[Variant]:
+    """The default variants; ``extra`` adds those only ``--only`` asks for:
+    ``easgd-synclate-tauT``, sync EASGD with every round started at its own step
+    (``start_early=False``), to measure what starting it a step early gains."""
     variants = [Variant("no-comm", "local"), Variant("hvd-sgd", "horovod")]
     for mode in ("sync", "async"):
         variants += [Variant(f"easgd-{mode}-tau{t}", "elastic", "easgd", mode, t) for t in taus]
     variants += [Variant(f"{m}-sync-tau{baseline_tau}", "elastic", m, "sync", baseline_tau)
                  for m in ("downpour", "average")]
+    if extra:
+        variants += [Variant(f"easgd-synclate-tau{t}", "elastic", "easgd", "sync", t, False)
+                     for t in taus]
     return variants
 
 
@@ -148,7 +155,7 @@ def make_optimizer(variant: Variant, model: torch.nn.Module, args: argparse.Name
                                         compression=compression)
     return hvd_easgd.ElasticOptimizer(
         base, model.named_parameters(), tau=variant.tau, method=variant.method,
-        mode=variant.mode, compression=compression)
+        mode=variant.mode, compression=compression, start_early=variant.start_early)
 
 
 def measure(variant: Variant, spec: ModelSpec, args: argparse.Namespace, meter: CollectiveMeter,
@@ -361,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rank, size = hvd.rank(), hvd.size()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
 
-    variants = build_variants(args.taus, args.baseline_tau)
+    variants = build_variants(args.taus, args.baseline_tau, extra=bool(args.only))
     if args.only:
         known = {v.name for v in variants}
         unknown = sorted(set(args.only) - known)

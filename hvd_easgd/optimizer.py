@@ -80,6 +80,12 @@ class ElasticOptimizer(torch.optim.Optimizer):
             later) or at :meth:`synchronize`, so training does not wait for communication.
             With a single worker (``hvd.size() == 1``, e.g. after Horovod Elastic lost the
             others) there is nothing to hide and async rounds apply at once.
+        start_early: in sync mode, start an EASGD round's allreduce when the step before the
+            round step returns (the parameters it sends are final then), so that it runs
+            behind the next forward and backward; the math is unchanged. Set it to ``False``
+            if your code changes the parameters between ``step()`` calls through ``.data``
+            (in-place edits are detected and warned about). See
+            :meth:`hvd_easgd.rounds.Rounds.start_early`.
         compression: ``hvd.Compression.none`` or ``hvd.Compression.fp16`` for the wire format;
             the center is always kept in the parameters' own precision.
         named_buffers: e.g. ``model.named_buffers()``: floating-point buffers (BatchNorm running
@@ -138,6 +144,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         outer_optimizer: Optional[OuterFactory] = None,
         hierarchy: Any = None,
         process_set: Any = None,
+        start_early: bool = True,
     ) -> None:
         check_outer_options(method, outer_optimizer, alpha, beta)
         check_options(optimizer, ElasticOptimizer, method=method, mode=mode, modes=MODES,
@@ -152,6 +159,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.master_momentum = float(master_momentum)
         self.nonfinite_patience = check_patience(nonfinite_patience)
         self.check_consistency = bool(check_consistency)
+        self.start_early = bool(start_early)
 
         named = name_parameters(optimizer, named_parameters)
         buffers = float_buffers(named_buffers, named)
@@ -266,9 +274,13 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.counters.step += 1
         self.stats.steps += 1
         if self.counters.step % self.tau:
-            return self.optimizer.step(closure)
-        recovery.follow_world(self)
-        return self.rounds.run(closure)
+            loss = self.optimizer.step(closure)
+        else:
+            recovery.follow_world(self)
+            loss = self.rounds.run(closure)
+        if (self.counters.step + 1) % self.tau == 0:
+            self.rounds.start_early()
+        return loss
 
     def synchronize(self) -> None:
         """Wait for the round in flight and apply it (async mode); a no-op in sync mode.
@@ -355,6 +367,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         worker first.
         """
         self.synchronize()
+        self.rounds.settle_early()  # it sent the values replaced here
         base, ours, easgd = split_state_dict(state_dict)
         self.optimizer.load_state_dict(base)
         self._link()

@@ -5,8 +5,12 @@ owns the state a round reads and writes (the center buffers, the counters, the r
 :class:`Rounds` runs the round itself:
 
 - **sync** (:meth:`Rounds.sync`): seal ``d = x - c``, start the allreduce, wait for it
-  (sleeping, :mod:`hvd_easgd.comm`), apply it. For EASGD the allreduce runs while the local
-  optimizer steps, since nothing moves the center before the round lands.
+  (sleeping, :mod:`hvd_easgd.comm`), apply it. EASGD's round sends the parameters ``x_t`` at
+  which the round step's gradient is taken, and those exist as soon as the step before ends:
+  :meth:`Rounds.start_early` starts the allreduce there, so it runs behind the next forward
+  and backward (and the local optimizer step) instead of stalling the round step. The math is
+  the same as starting it at the round step; see :meth:`Rounds.start_early` for when it
+  applies.
 - **async** (:meth:`Rounds.overlap`): seal this round into the free one of two round buffers
   and hand it to the background exchange; the round started ``tau`` steps ago is applied
   first, at the same point. Training never waits unless a round is still on the wire when
@@ -19,18 +23,26 @@ every later call raises, naming that cause, until a Horovod Elastic reset clears
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+import warnings
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
 
 import torch
 
 from hvd_easgd import recovery
-from hvd_easgd.comm import BackgroundExchange
+from hvd_easgd.comm import BackgroundExchange, Pending, RoundCancelled
 from hvd_easgd.elastic import update_center_average
 
 if TYPE_CHECKING:
     from hvd_easgd.optimizer import ElasticOptimizer
 
 Closure = Optional[Callable[[], float]]
+
+#: How long closing waits for a round started early whose step never came (seconds).
+CLOSE_TIMEOUT = 60.0
+
+
+class EditedParametersWarning(UserWarning):
+    """Parameters changed between ``step()`` calls while a round started early was on the wire."""
 
 
 class Rounds:
@@ -47,6 +59,10 @@ class Rounds:
         self.exchange = exchange
         self.slot_in_flight: Optional[int] = None
         self.error: Optional[BaseException] = None
+        #: A sync round started at the end of the step before its own, with the parameters'
+        #: version counters at that point (:meth:`start_early`).
+        self.early: Optional[Tuple[Pending, Tuple[int, ...]]] = None
+        self._warned_edit = False
 
     def run(self, closure: Closure) -> Optional[float]:
         """The ``tau``-th step: the local step and a round, in the optimizer's mode."""
@@ -59,7 +75,10 @@ class Rounds:
     def sync(self, closure: Closure) -> Optional[float]:
         """Start a round, wait for it and apply it, around the local step."""
         opt = self.opt
-        if opt.rule.snapshot_before_step:
+        if self.early is not None:
+            pending = self._take_early()
+            loss = opt.optimizer.step(closure)
+        elif opt.rule.snapshot_before_step:
             # Sync EASGD: nothing moves the center before this round lands, so its
             # allreduce can run while the local optimizer updates the parameters.
             pending = self._start(0)
@@ -99,6 +118,72 @@ class Rounds:
         exchange.submit(opt.buffers.rounds[slot], opt.counters.round)
         self.slot_in_flight = slot
         return loss
+
+    @property
+    def starts_early(self) -> bool:
+        """Whether sync rounds start at the end of the step before theirs (see below)."""
+        opt = self.opt
+        return (opt.start_early and self.exchange is None and opt.rule.snapshot_before_step
+                and opt.world[0] > 1
+                and all(g.num_params == len(g.tensors) for g in opt.groups))
+
+    def start_early(self) -> None:
+        """At the end of the step before a round step: start that round's allreduce now.
+
+        A sync EASGD round sends ``d = x_t - c``: the parameters at which the round step's
+        gradient is taken, against a center that nothing moves in between. Both are final when
+        the step before returns, so the allreduce can run behind the next forward and
+        backward; the round step then only waits for what is left of it. Same math, same
+        bytes, same collective order on every worker.
+
+        It applies to sync EASGD/EAMSGD with more than one worker and no averaged buffers
+        (BatchNorm statistics change in the forward pass, after this point: rounds carrying
+        them start at the round step, as before). Parameters edited in place between the two
+        steps (their version counters move) are detected and warned about: that round still
+        sends their values from the end of the step before. Edits through ``.data`` escape
+        the version counters; construct the optimizer with ``start_early=False`` for code
+        that makes them.
+        """
+        opt = self.opt
+        if self.early is not None or self.error is not None or not self.starts_early:
+            return
+        opt.buffers.seal(0, from_live=True)
+        pending = opt.communicator.start(opt.buffers.rounds[0], opt.counters.round + 1)
+        opt.stats.rounds += 1
+        self.early = (pending, self._versions())
+
+    def _take_early(self) -> Pending:
+        assert self.early is not None
+        (pending, versions), self.early = self.early, None
+        if versions != self._versions() and not self._warned_edit:
+            self._warned_edit = True
+            warnings.warn(
+                f"EASGD round {self.opt.counters.round + 1}: parameters were changed in place "
+                "between step() calls while the round's allreduce (started when the step "
+                "before ended) was running; the round used their values from the end of that "
+                "step. Make such edits before step() returns, or construct the optimizer with "
+                "start_early=False.", EditedParametersWarning, stacklevel=4)
+        self.opt.counters.round += 1
+        return pending
+
+    def _versions(self) -> Tuple[int, ...]:
+        return tuple(t._version for g in self.opt.groups for t in g.tensors)
+
+    def settle_early(self) -> None:
+        """Wait for a round started early and drop its result (its step never came, or the
+        values it sent were replaced). Waiting, not abandoning: every worker started it, so
+        it completes, and its Horovod name is free again when the round step starts it anew.
+        Bounded by :data:`CLOSE_TIMEOUT`."""
+        if self.early is None:
+            return
+        (pending, _), self.early = self.early, None
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        try:
+            self.opt.communicator.wait(pending, lambda: time.monotonic() > deadline)
+        except RoundCancelled:
+            self.opt.communicator.wire.forget()
+        finally:
+            self.opt.stats.dropped_rounds += 1
 
     @property
     def in_flight(self) -> bool:
@@ -147,6 +232,10 @@ class Rounds:
         if self.exchange is not None and self.exchange.cancel():
             self.opt.counters.round -= 1
             self.opt.stats.dropped_rounds += 1
+        if self.early is not None:  # started early and never counted in counters.round
+            self.early = None
+            self.opt.communicator.wire.forget()
+            self.opt.stats.dropped_rounds += 1
         self.slot_in_flight = None
 
     def reset(self) -> None:
@@ -170,6 +259,7 @@ class Rounds:
         try:
             if apply_in_flight and self.error is None and self.in_flight:
                 self.finish()
+            self.settle_early()  # its step never came: no peer is left waiting on it
         finally:
             if self.exchange is not None:
                 self.exchange.close(timeout=60.0)

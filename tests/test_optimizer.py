@@ -37,6 +37,8 @@ MATCH_CASES = [
          center_average="moving", average_rate=0.3, seed=6),
     Case(name="eamsgd-tau1", method="easgd", opt="nesterov", tau=1, steps=4, seed=7),
     Case(name="easgd-bn-buffers", method="easgd", opt="sgd", model="bn", buffers=True, seed=8),
+    # easgd-sgd-wd with every round started at its own step (start_early=False)
+    Case(name="easgd-sgd-wd-late", method="easgd", opt="sgd", extra={"start_early": False}),
 ]
 FP16_CASE = Case(name="easgd-fp16", method="easgd", opt="sgd", compression="fp16")
 RESUME_ITEMS = [
@@ -51,6 +53,9 @@ RESUME_ITEMS = [
 ]
 
 
+EARLY_ITEMS = [{"kind": "early", "case": Case(name="early-easgd", tau=3, steps=6,
+                                              seed=21).to_dict()}]
+
 MISMATCH = ["extra", "shape", "dtype", "tau", "beta", "method", "mode", "same"]
 MISMATCH_ITEMS = [{"kind": "mismatch", "variant": v, "case": {"name": f"mismatch-{v}"}}
                   for v in MISMATCH]
@@ -58,7 +63,7 @@ MISMATCH_ITEMS = [{"kind": "mismatch", "variant": v, "case": {"name": f"mismatch
 
 def _items():
     items = [{"kind": "match", "case": c.to_dict()} for c in MATCH_CASES + [FP16_CASE]]
-    return items + RESUME_ITEMS + MISMATCH_ITEMS
+    return items + RESUME_ITEMS + MISMATCH_ITEMS + EARLY_ITEMS
 
 
 def _by_name(results):
@@ -167,15 +172,48 @@ def test_sync_matches_reference(sync_job, case):
 def test_one_allreduce_per_round(sync_job, case):
     np_, by_name = sync_job
     ranks = _ok(by_name[case.name], case.name)
-    want = [1 if t % case.tau == 0 else 0 for t in range(1, case.steps + 1)]
+    # Sync EASGD starts a round's allreduce when the step before its own ends (start_early),
+    # unless the round carries buffers or start_early=False; the last step may start one more.
+    early = (case.method == "easgd" and not case.buffers
+             and case.extra.get("start_early", True))
+    want = [0] * case.steps
+    for t in range(case.tau, case.steps + 2, case.tau):
+        at = t - 1 if early and t > 1 else t
+        if at <= case.steps:
+            want[at - 1] += 1
     rounds = case.steps // case.tau
     for r, res in enumerate(ranks):
         assert res["per_step"] == want, f"rank {r}: allreduces per step {res['per_step']}"
         assert res["sync_allreduces"] == 0
         s = res["stats"]
-        assert s["steps"] == case.steps and s["rounds"] == rounds
-        assert s["allreduce_calls"] == rounds
+        assert res["counters"]["rounds"] == rounds
+        assert s["steps"] == case.steps and s["rounds"] == s["allreduce_calls"] == sum(want)
         assert s["stalls"] == rounds  # sync: every round waits
+
+
+@pytest.mark.timeout(300)
+def test_starting_rounds_early_changes_no_bit(sync_job):
+    np_, by_name = sync_job
+    early = _ok(by_name["easgd-sgd-wd"], "easgd-sgd-wd")
+    late = _ok(by_name["easgd-sgd-wd-late"], "easgd-sgd-wd-late")
+    for r in range(np_):
+        assert early[r]["per_step"] != late[r]["per_step"]  # the rounds did start earlier
+        assert early[r]["params"] == late[r]["params"], f"rank {r}: params differ"
+        assert early[r]["center"] == late[r]["center"], f"rank {r}: center differs"
+
+
+@pytest.mark.timeout(300)
+def test_a_round_started_early_survives_edits_close_and_load(sync_job):
+    np_, by_name = sync_job
+    for r, res in enumerate(_ok(by_name["early-easgd"], "early-easgd")):
+        assert res["in_flight"], f"rank {r}: no round on the wire after the step before it"
+        # only rank 0 edited a parameter between the launch and the round step
+        assert res["warned"] == (["EditedParametersWarning"] if r == 0 else []), res["warned"]
+        # closing waits for the round whose step never came, and applies nothing of it
+        assert res["close"] == {"center_kept": True, "counters": {"steps": 2, "rounds": 0},
+                                "dropped": 1}
+        # loading a state dict drops it; the round step starts it again: nothing changes
+        assert res["load_dropped"] == 1 and res["load_same"]
 
 
 @pytest.mark.timeout(300)

@@ -9,11 +9,15 @@
   vs. a run saved at step `save_at` (state_dict of the wrapper and the
   model), rebuilt fresh (other init), loaded and continued; both snapshots reported.
 - "mismatch": rank 1 builds another model or wraps with other settings (opt_mismatch.py).
+- "early": sync EASGD's round started when the step before it ends (Rounds.start_early): a
+  run where rank 0 edits a parameter in place between those steps (warnings per rank); a run
+  closed with such a round on the wire (center and counters before/after); a run that loads
+  its own state dict while one is on the wire, against the same run without the load.
 Writes {"results": [...]} to rank{R}.json.
 """
 
 from opt_common import (
-    AllreduceCounter, Case, build, counters, float_buffers_list,
+    AllreduceCounter, Case, build, center_list, counters, float_buffers_list,
     init, parse_args, run_items, snapshot, train_steps, write,
 )
 import copy
@@ -99,13 +103,55 @@ def run_resume(item, rank):
             "loaded_counters": loaded_counters}
 
 
+def run_early(item, rank):
+    import warnings
+
+    case = Case.from_dict(item["case"])
+    before_round = case.tau - 1
+    out = {}
+    # an in-place edit on rank 0 between the round's launch and its step
+    model, base, opt = build(case, rank)
+    train_steps(case, model, opt, rank, 0, before_round)
+    out["in_flight"] = opt.rounds.early is not None
+    if rank == 0:
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(case, model, opt, rank, before_round, case.steps)
+    out["warned"] = sorted({type(w.message).__name__ for w in caught})
+    opt.close()
+    # closed with a round on the wire: waited for, not applied
+    model, base, opt = build(case, rank)
+    train_steps(case, model, opt, rank, 0, before_round)
+    center = center_list(opt, model)
+    opt.close()
+    out["close"] = {"center_kept": center_list(opt, model) == center,
+                    "counters": counters(opt), "dropped": opt.stats.dropped_rounds}
+    # load_state_dict with a round on the wire drops it; the round step starts it again
+    runs = {}
+    for load in (False, True):
+        model, base, opt = build(case, rank)
+        train_steps(case, model, opt, rank, 0, before_round)
+        if load:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            out["load_dropped"] = opt.stats.dropped_rounds
+        train_steps(case, model, opt, rank, before_round, case.steps)
+        runs[load] = snapshot(case, opt, model)
+        opt.close()
+    out["load_same"] = (runs[True]["params"] == runs[False]["params"]
+                        and runs[True]["center"] == runs[False]["center"]
+                        and runs[True]["counters"] == runs[False]["counters"])
+    return out
+
+
 def main():
     args = parse_args()
     rank, size = init()
     from opt_mismatch import run_mismatch
 
     results = run_items(args, rank, {"match": run_match, "resume": run_resume,
-                                     "mismatch": run_mismatch})
+                                     "mismatch": run_mismatch, "early": run_early})
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 
