@@ -162,9 +162,14 @@ def test_step_formulas():
     assert sm.sync_sgd_step(0.1, 0.08, 0.5) == pytest.approx(0.13)
     assert sm.sync_sgd_step(0.1, 0.04, 0.5) == pytest.approx(0.1)
     assert sm.sync_sgd_step(0.1, 0.04, 0.0) == pytest.approx(0.14)
-    # EASGD sync: t_c + (t_s + T_ar + t_m) / tau
+    # EASGD sync started at its own step: t_c + (t_s + T_ar + t_m) / tau
     assert sm.easgd_sync_step(0.1, 0.08, 16, 0.002, 0.01) == pytest.approx(0.1 + 0.092 / 16)
     assert sm.easgd_sync_step(0.1, 0.08, 1) == pytest.approx(0.18)
+    # ... started a step early: up to one step's compute hides the exchange
+    assert sm.easgd_sync_step(0.1, 0.08, 16, 0.002, 0.01, hidden=0.1) == pytest.approx(
+        0.1 + 0.002 / 16)
+    assert sm.easgd_sync_step(0.026, 0.058, 4, 0.004, 0.01, hidden=0.026) == pytest.approx(
+        0.026 + (0.004 + 0.042) / 4)
     # EASGD async: t_c + (t_m + max(0, t_s + T_ar - tau t_c)) / tau
     assert sm.easgd_async_step(0.1, 0.08, 1, 0.002, 0.01) == pytest.approx(0.102)
     assert sm.easgd_async_step(0.026, 0.058, 2, 0.0, 0.01) == pytest.approx(0.026 + 0.016 / 2)
@@ -204,7 +209,7 @@ def test_scale_table_rows_follow_the_formulas(tmp_path, capsys):
         sgd = t_c + max(0.0, t_ar + 0.5e-3 - 0.5 * t_c)
         assert row["sync_sgd"]["step_ms"] == pytest.approx(1e3 * sgd)
         assert row["easgd_sync"][16]["step_ms"] == pytest.approx(
-            1e3 * (t_c + (t_s + t_ar + t_m) / 16))
+            1e3 * (t_c + (t_m + max(0.0, t_s + t_ar - t_c)) / 16))
         assert row["easgd_async"][16]["efficiency"] == pytest.approx(t_c / (t_c + t_m / 16))
         assert row["hiding_tau"] == math.ceil((t_s + t_ar) / t_c)
         assert row["sync_sgd"]["images_per_sec"] == pytest.approx(p * 64 / sgd)
@@ -411,3 +416,27 @@ def test_check_predicts_every_row_from_the_probe(tmp_path, monkeypatch):
     for x in pred.values():
         assert x["predicted_exposed"] <= x["predicted_ideal"] + 1e-9
         assert x["error_vs_ideal"] == pytest.approx(x["measured"] / x["predicted_ideal"] - 1)
+
+
+# ------------------------------------------------------------------ launch_cost.py --quick
+
+
+def test_launch_cost_takes_horovods_cost_apart(tmp_path):
+    """Each variant runs as it says: plain processes, horovodrun without hvd.init(), ranks
+    that initialise Horovod alone, a real 2-rank job; ratios follow from the samples/s."""
+    out = tmp_path / "launch.json"
+    proc = subprocess.run([sys.executable, "benchmarks/launch_cost.py", "--quick", "--json",
+                           str(out)], cwd=str(REPO), env=worker_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "horovodrun", "init-alone", "init-job"]
+    how = {v: [(r["horovod_size"], r["launched_by_horovodrun"]) for r in row["ranks"]]
+           for v, row in rows.items()}
+    assert how == {"plain": [(None, False)] * 2, "horovodrun": [(None, True)] * 2,
+                   "init-alone": [(1, False)] * 2, "init-job": [(2, True)] * 2}
+    plain = rows["plain"]["per_rep_samples_per_sec"][0]
+    for v, row in rows.items():
+        assert row["per_rep_vs_plain"][0] == pytest.approx(
+            row["per_rep_samples_per_sec"][0] / plain)
+        assert f"| {v} |".replace(" ", "") in proc.stdout.replace(" ", "")
