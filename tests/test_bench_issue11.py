@@ -384,6 +384,7 @@ def test_check_predicts_every_row_from_the_probe(tmp_path, monkeypatch):
                                    ("torch-averager-tau16", 16, 380.0), ("hvd-sgd", None, 150.0),
                                    ("easgd-sync-tau16", 16, 370.0),
                                    ("easgd-async-tau16", 16, 390.0),
+                                   ("easgd-synclate-tau16@cycle20ms", 16, 365.0),
                                    ("hvd-nocomm@tuned", None, 390.0)]]
     path = tmp_path / "b.json"
     path.write_text(json.dumps({
@@ -403,9 +404,16 @@ def test_check_predicts_every_row_from_the_probe(tmp_path, monkeypatch):
     assert r["compute_ms"] == pytest.approx(160.0)
     pred = {x["name"]: x for x in r["rows"]}
     assert set(pred) == {"torch-ddp", "torch-averager-tau16", "hvd-sgd", "easgd-sync-tau16",
-                         "easgd-async-tau16"}
-    sync = t_c + (0.010 + t_ar + 4 * pass_s) / 16
+                         "easgd-async-tau16", "easgd-synclate-tau16@cycle20ms"}
+    # sync started a step early: one step of compute hides the exchange (at best)
+    sync = t_c + (4 * pass_s + max(0.0, 0.010 + t_ar - t_c)) / 16
     assert pred["easgd-sync-tau16"]["predicted_ideal"] == pytest.approx(64 / sync)
+    assert pred["easgd-sync-tau16"]["predicted_exposed"] == pytest.approx(
+        64 / (t_c + (t_ar + 4 * pass_s) / 16))
+    # started at its own step: nothing hides it
+    late = t_c + (0.010 + t_ar + 4 * pass_s) / 16
+    assert pred["easgd-synclate-tau16@cycle20ms"]["predicted_ideal"] == pytest.approx(64 / late)
+    assert pred["easgd-synclate-tau16@cycle20ms"]["predicted_exposed"] == pytest.approx(64 / late)
     assert pred["easgd-async-tau16"]["predicted_ideal"] == pytest.approx(
         64 / sm.easgd_async_step(t_c, t_ar, 16, 4 * pass_s, 0.010))
     assert pred["easgd-async-tau16"]["predicted_exposed"] == pytest.approx(
