@@ -90,20 +90,6 @@ def _worker_setup(args: argparse.Namespace):
     return torch, spec
 
 
-def _batch(torch, spec, batch: int, rank: int):
-    """The same synthetic batch as benchmarks/throughput.py gives this rank."""
-    gen = torch.Generator().manual_seed(1234 + rank)
-    return (torch.randn(batch, *spec.input_shape, generator=gen),
-            torch.randint(0, spec.num_classes, (batch,), generator=gen))
-
-
-def _fresh(torch, spec, lr: float):
-    """The same model and optimizer as benchmarks/throughput.py builds for every variant."""
-    torch.manual_seed(0)
-    model = spec.build()
-    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-
 def _cpu_seconds() -> float:
     return time.process_time()
 
@@ -111,15 +97,13 @@ def _cpu_seconds() -> float:
 def plain_worker(args: argparse.Namespace) -> None:
     """One process of the physical limit: warm up, say READY, wait for GO, time the window."""
     torch, spec = _worker_setup(args)
-    import torch.nn.functional as F
+    from benchmarks.common import fresh_model, synthetic_batch, train_step
 
-    x, y = _batch(torch, spec, args.batch, args.rank)
-    model, opt = _fresh(torch, spec, args.lr)
+    x, y = synthetic_batch(spec, args.batch, args.rank)
+    model, opt = fresh_model(spec, args.lr)
 
     def step() -> None:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        train_step(model, opt, x, y)
 
     for _ in range(args.warmup):
         step()
@@ -174,17 +158,17 @@ def torch_worker(args: argparse.Namespace) -> None:
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from benchmarks.common import machine_busy_seconds
+    from benchmarks.common import fresh_model, machine_busy_seconds, synthetic_batch
 
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    x, y = _batch(torch, spec, args.batch, rank)
+    x, y = synthetic_batch(spec, args.batch, rank)
     names = list(args.variants)
     shift = args.rotate % len(names)
     results: Dict[str, Any] = {}
     for name in names[shift:] + names[:shift]:
         tau = _tau_of(name) if name.startswith("torch-averager") else None
-        model, _ = _fresh(torch, spec, args.lr)
+        model, _ = fresh_model(spec, args.lr)
         for p in model.parameters():  # identical already (same seed); as a user would
             dist.broadcast(p.data, 0)
         averager = None

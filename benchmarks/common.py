@@ -73,6 +73,28 @@ def model_spec(name: str, hidden: int = HEAVY_HIDDEN) -> ModelSpec:
     raise ValueError(f"unknown model {name!r}; choose 'cifar' or 'heavy'")
 
 
+def synthetic_batch(spec: "ModelSpec", batch: int, rank: int):
+    """Rank ``rank``'s fixed synthetic batch, the same in every benchmark (seed ``1234 + rank``)."""
+    gen = torch.Generator().manual_seed(1234 + rank)
+    return (torch.randn(batch, *spec.input_shape, generator=gen),
+            torch.randint(0, spec.num_classes, (batch,), generator=gen))
+
+
+def fresh_model(spec: "ModelSpec", lr: float):
+    """The model every benchmark variant starts from (seed 0) and its ``SGD(momentum=0.9)``."""
+    torch.manual_seed(0)
+    model = spec.build()
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> None:
+    """One step of the benchmarks' training loop: zero the gradients, forward, backward, step."""
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
 def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 

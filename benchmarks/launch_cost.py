@@ -44,10 +44,9 @@ VARIANTS = ("plain", "horovodrun", "init-alone", "init-job")
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: warm up, time ``--steps`` training steps, print one JSON line."""
-    import torch
-    import torch.nn.functional as F
-
-    from benchmarks.common import model_spec, setup_worker
+    from benchmarks.common import (
+        fresh_model, model_spec, setup_worker, synthetic_batch, train_step,
+    )
 
     rank = int(os.environ.get("HOROVOD_RANK", args.rank))
     if args.init:
@@ -56,25 +55,15 @@ def worker(args: argparse.Namespace) -> None:
         hvd.init()
     setup_worker(1)
     spec = model_spec("heavy", args.hidden)
-    gen = torch.Generator().manual_seed(1234 + rank)
-    x = torch.randn(args.batch, *spec.input_shape, generator=gen)
-    y = torch.randint(0, spec.num_classes, (args.batch,), generator=gen)
-    torch.manual_seed(0)
-    model = spec.build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
+    x, y = synthetic_batch(spec, args.batch, rank)
+    model, opt = fresh_model(spec, 0.01)
     for _ in range(args.warmup):
-        step()
+        train_step(model, opt, x, y)
     if args.init and hvd.size() > 1:
         hvd.barrier()
     started = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        train_step(model, opt, x, y)
     print("RESULT " + json.dumps({
         "rank": rank, "seconds": time.perf_counter() - started,
         "horovod_size": hvd.size() if args.init else None,
