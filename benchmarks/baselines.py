@@ -245,20 +245,9 @@ class JobFailed(RuntimeError):
 
 def _env(args: argparse.Namespace, extra: Optional[Dict[str, Optional[str]]] = None
          ) -> Dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torch's Gloo: loopback (one machine)
-    env.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")
-    for key in ("HOROVOD_RANK", "HOROVOD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    for key, value in (extra or {}).items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
+    from benchmarks.common import job_env
+
+    return job_env(args.threads, extra)
 
 
 def _model_args(args: argparse.Namespace) -> List[str]:

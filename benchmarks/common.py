@@ -73,6 +73,27 @@ def model_spec(name: str, hidden: int = HEAVY_HIDDEN) -> ModelSpec:
     raise ValueError(f"unknown model {name!r}; choose 'cifar' or 'heavy'")
 
 
+def job_env(threads: int, extra: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, str]:
+    """The environment of a benchmark job started from this process: ``threads`` compute
+    threads, the repo importable, loopback Gloo, and no rank variables leaking in from a job
+    this process may itself run in. ``extra`` sets variables (``None`` removes one)."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torch's Gloo: loopback (one machine)
+    env.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")
+    for key in ("HOROVOD_RANK", "HOROVOD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 def synthetic_batch(spec: "ModelSpec", batch: int, rank: int):
     """Rank ``rank``'s fixed synthetic batch, the same in every benchmark (seed ``1234 + rank``)."""
     gen = torch.Generator().manual_seed(1234 + rank)

@@ -36,10 +36,11 @@ from typing import Any, Dict, List, Optional, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import HEAVY_HIDDEN, format_table, write_json  # noqa: E402
+from benchmarks.common import HEAVY_HIDDEN, format_table, job_env, write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "horovodrun", "init-alone", "init-job")
+#: The variants ``horovodrun`` starts (one command for every rank); the others are N processes.
+UNDER_HOROVODRUN = ("horovodrun", "init-job")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -76,7 +77,7 @@ def command(variant: str, args: argparse.Namespace, rank: int = 0) -> List[str]:
           "--warmup", str(args.warmup)]
     if variant.startswith("init"):
         me.append("--init")
-    if variant in ("horovodrun", "init-job"):
+    if variant in UNDER_HOROVODRUN:
         return [args.horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
                 "--start-timeout", "120", *me]
     return me
@@ -85,15 +86,11 @@ def command(variant: str, args: argparse.Namespace, rank: int = 0) -> List[str]:
 def run_variant(variant: str, args: argparse.Namespace) -> Dict[str, Any]:
     """The job's samples/s (every rank's batches over the slowest rank's time) and, per
     rank, how it ran (Horovod's size if initialised; whether horovodrun started it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("HOROVOD_CYCLE_TIME", "20")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if variant in ("horovodrun", "init-job"):
-        procs = [subprocess.Popen(command(variant, args), env=env, stdout=subprocess.PIPE,
-                                  text=True)]
-    else:
-        procs = [subprocess.Popen(command(variant, args, r), env=env, stdout=subprocess.PIPE,
-                                  text=True) for r in range(args.np)]
+    env = job_env(1, {"HOROVOD_CYCLE_TIME": os.environ.get("HOROVOD_CYCLE_TIME", "20")})
+    commands = ([command(variant, args)] if variant in UNDER_HOROVODRUN
+                else [command(variant, args, r) for r in range(args.np)])
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+             for cmd in commands]
     ranks = []
     for proc in procs:
         out, _ = proc.communicate(timeout=args.job_timeout)

@@ -146,11 +146,13 @@ def scale_table(gpu: Gpu, net: Network, args: argparse.Namespace) -> Dict[str, A
         t_sgd = sync_sgd_step(t_c, t_ar + t_s_sgd, args.overlap)
         row["sync_sgd"] = {"step_ms": 1e3 * t_sgd, "efficiency": t_c / t_sgd,
                            "images_per_sec": p * args.batch / t_sgd}
-        for mode, fn in (("easgd_sync", easgd_sync_step), ("easgd_async", easgd_async_step)):
+        steps = {  # tau -> step time; a sync round hides behind one step (start_early)
+            "easgd_sync": lambda tau: easgd_sync_step(t_c, t_ar, tau, t_m, t_s_easgd, t_c),
+            "easgd_async": lambda tau: easgd_async_step(t_c, t_ar, tau, t_m, t_s_easgd)}
+        for mode, step_time in steps.items():
             row[mode] = {}
             for tau in args.taus:
-                t = (fn(t_c, t_ar, tau, t_m, t_s_easgd, t_c) if mode == "easgd_sync"
-                     else fn(t_c, t_ar, tau, t_m, t_s_easgd))
+                t = step_time(tau)
                 row[mode][tau] = {"step_ms": 1e3 * t, "efficiency": t_c / t,
                                   "images_per_sec": p * args.batch / t}
         row["hiding_tau"] = hiding_tau(t_c, t_ar, t_s_easgd)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 Closure = Optional[Callable[[], float]]
 
-#: How long closing waits for a round started early whose step never came (seconds).
+#: How long closing waits for the round on the wire (seconds).
 CLOSE_TIMEOUT = 60.0
 
 
@@ -262,7 +262,7 @@ class Rounds:
             self.settle_early()  # its step never came: no peer is left waiting on it
         finally:
             if self.exchange is not None:
-                self.exchange.close(timeout=60.0)
+                self.exchange.close(timeout=CLOSE_TIMEOUT)
 
     def _start(self, slot: int):
         self._seal(slot, from_live=True)
