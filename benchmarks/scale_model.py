@@ -19,8 +19,9 @@ The model (every assumption is a flag; the defaults are stated in the output):
   the wait for Horovod's next background cycle, on average half of ``HOROVOD_CYCLE_TIME``
   (``t_s``). The allreduce starts when the step before the round step ends
   (``start_early``), so up to one step of compute ``t_c`` hides it:
-  ``t = t_c + (t_m + max(0, t_s + T_ar - t_c)) / tau``. With ``start_early=False`` (or rounds
-  carrying BatchNorm statistics) nothing hides it: ``t = t_c + (T_ar + t_m + t_s) / tau``.
+  ``t = t_c + (t_m + max(0, t_s + T_ar - t_c)) / tau`` (ResNet-50's BatchNorm statistics
+  included: they go as they were before the round step's forward). With
+  ``start_early=False`` nothing hides it: ``t = t_c + (T_ar + t_m + t_s) / tau``.
 - **EASGD async**: the exchange runs on a background thread while training goes on; it is
   hidden when ``t_s + T_ar <= tau * t_c``; otherwise training waits for the rest:
   ``t = t_c + (t_m + max(0, t_s + T_ar - tau * t_c)) / tau``. The smallest ``tau`` that hides

@@ -93,6 +93,7 @@ class OptimizerConfig:
     moving_rate: float = 0.001  # mvadownpour: rate of the moving average of the center
     compression: str = "none"  # none | fp16 (communication only; the center stays fp32)
     average_buffers: bool = True  # average floating-point buffers (BatchNorm statistics) each round
+    start_early: bool = True  # sync easgd/eamsgd: start a round's allreduce when the step before it ends
     local_optimizer: str = "sgd"  # sgd | adamw (DiLoCo's inner optimizer; momentum is then unused)
     outer_lr: float = 0.7  # diloco: learning rate of the outer Nesterov SGD that moves the center
     outer_momentum: float = 0.9  # diloco: its momentum

@@ -82,7 +82,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
             others) there is nothing to hide and async rounds apply at once.
         start_early: in sync mode, start an EASGD round's allreduce when the step before the
             round step returns (the parameters it sends are final then), so that it runs
-            behind the next forward and backward; the math is unchanged. Set it to ``False``
+            behind the next forward and backward. The parameters' math is unchanged; averaged
+            buffers are sent as they were before the round step's forward. Set it to ``False``
             if your code changes the parameters between ``step()`` calls through ``.data``
             (in-place edits are detected and warned about). See
             :meth:`hvd_easgd.rounds.Rounds.start_early`.

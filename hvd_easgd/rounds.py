@@ -8,9 +8,9 @@ owns the state a round reads and writes (the center buffers, the counters, the r
   (sleeping, :mod:`hvd_easgd.comm`), apply it. EASGD's round sends the parameters ``x_t`` at
   which the round step's gradient is taken, and those exist as soon as the step before ends:
   :meth:`Rounds.start_early` starts the allreduce there, so it runs behind the next forward
-  and backward (and the local optimizer step) instead of stalling the round step. The math is
-  the same as starting it at the round step; see :meth:`Rounds.start_early` for when it
-  applies.
+  and backward (and the local optimizer step) instead of stalling the round step. The
+  parameters' math is the same as starting it at the round step; averaged buffers (BatchNorm
+  statistics) go one forward pass earlier (see :meth:`Rounds.start_early`).
 - **async** (:meth:`Rounds.overlap`): seal this round into the free one of two round buffers
   and hand it to the background exchange; the round started ``tau`` steps ago is applied
   first, at the same point. Training never waits unless a round is still on the wire when
@@ -124,8 +124,7 @@ class Rounds:
         """Whether sync rounds start at the end of the step before theirs (see below)."""
         opt = self.opt
         return (opt.start_early and self.exchange is None and opt.rule.snapshot_before_step
-                and opt.world[0] > 1
-                and all(g.num_params == len(g.tensors) for g in opt.groups))
+                and opt.world[0] > 1)
 
     def start_early(self) -> None:
         """At the end of the step before a round step: start that round's allreduce now.
@@ -133,16 +132,18 @@ class Rounds:
         A sync EASGD round sends ``d = x_t - c``: the parameters at which the round step's
         gradient is taken, against a center that nothing moves in between. Both are final when
         the step before returns, so the allreduce can run behind the next forward and
-        backward; the round step then only waits for what is left of it. Same math, same
-        bytes, same collective order on every worker.
+        backward; the round step then only waits for what is left of it. Same math for the
+        parameters and the center, same bytes, same collective order on every worker.
 
-        It applies to sync EASGD/EAMSGD with more than one worker and no averaged buffers
-        (BatchNorm statistics change in the forward pass, after this point: rounds carrying
-        them start at the round step, as before). Parameters edited in place between the two
-        steps (their version counters move) are detected and warned about: that round still
-        sends their values from the end of the step before. Edits through ``.data`` escape
-        the version counters; construct the optimizer with ``start_early=False`` for code
-        that makes them.
+        It applies to sync EASGD/EAMSGD with more than one worker. Averaged buffers (BatchNorm
+        running statistics) change in the round step's forward pass, after this point: the
+        round sends them as they were when the step before ended, and lands like an async
+        round does, keeping the worker's own change since (``b <- b - b_sent + mean_i
+        b_sent,i``). Training-mode BatchNorm never reads them, so the parameters stay bit for
+        bit the same. Parameters edited in place between the two steps (their version
+        counters move) are detected and warned about: that round still sends their values
+        from the end of the step before. Edits through ``.data`` escape the version counters;
+        construct the optimizer with ``start_early=False`` for code that makes them.
         """
         opt = self.opt
         if self.early is not None or self.error is not None or not self.starts_early:
@@ -167,7 +168,8 @@ class Rounds:
         return pending
 
     def _versions(self) -> Tuple[int, ...]:
-        return tuple(t._version for g in self.opt.groups for t in g.tensors)
+        # The parameters' alone: the forward pass moves the buffers by design.
+        return tuple(t._version for g in self.opt.groups for t in g.tensors[:g.num_params])
 
     def settle_early(self) -> None:
         """Wait for a round started early and drop its result (its step never came, or the

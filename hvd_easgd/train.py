@@ -180,6 +180,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
     kwargs: Dict[str, Any] = dict(
         named_parameters=model.named_parameters(), tau=int(o.tau), method=wrapper_method,
         mode=o.mode, compression=compression, nonfinite_patience=int(o.nonfinite_patience),
+        start_early=bool(o.start_early),
     )
     if wrapper_method == "diloco":
         from hvd_easgd.outer import nesterov as outer_nesterov

@@ -31,7 +31,10 @@ center averaging (evaluated model), updated after every center update (r = round
     "running": a_0 = c_0, a_r = a_{r-1} + (c_r - a_{r-1}) / (r + 1)
     "moving":  a <- a + rate*(c - a)
 named buffers (BatchNorm statistics), if enabled: at a round, floating buffers <- mean over
-    workers (sync only).
+    workers (sync only). Sync EASGD with p > 1 and start_early (the default) sends them as they
+    were when the step before the round step ended (before its forward), and each worker keeps
+    its own change since: b_i <- b_i - b_sent,i + mean_j b_sent,j. The first round of a run
+    with tau = 1 has no step before it and sends them after its forward.
 
 The model, data and optimizer builders are shared with the worker scripts so both sides train
 exactly the same problem.
@@ -166,7 +169,6 @@ class Reference:
         self.applied = 0  # rounds whose center update has been applied
         self.pending = None  # async: (per-worker y list, mean list)
         self.losses: List[List[float]] = [[] for _ in range(p)]
-        self.pre_round_buffers = None
 
     # -- helpers --
     def _params(self, i):
@@ -198,16 +200,27 @@ class Reference:
         self.applied += 1
         self._update_average()
 
-    def _average_buffers(self):
+    def _buffers_sent_early(self, t: int) -> bool:
+        """Whether round step t's buffers go before its forward (Rounds.start_early)."""
+        case = self.case
+        return (case.buffers and case.mode == "sync" and case.method == "easgd"
+                and case.extra.get("start_early", True) and self.p > 1 and t > 1
+                and t % case.tau == 0)
+
+    def _float_buffers(self):
+        return [[b.detach().clone() for _, b in float_buffers(m)] for m in self.models]
+
+    def _average_buffers(self, sent=None):
+        """Buffers <- the workers' mean of ``sent`` plus each worker's change since it."""
         if not self.case.buffers:
             return
-        per_worker = [[b for _, b in float_buffers(m)] for m in self.models]
-        self.pre_round_buffers = [flat(bs) for bs in per_worker]
-        means = self._mean(per_worker)
+        live = [[b for _, b in float_buffers(m)] for m in self.models]
+        sent = self._float_buffers() if sent is None else sent
+        means = self._mean(sent)
         with torch.no_grad():
-            for bs in per_worker:
-                for b, m in zip(bs, means):
-                    b.copy_(m)
+            for bs, ss in zip(live, sent):
+                for b, s, m in zip(bs, ss, means):
+                    b.add_(m - s)
 
     # -- the algorithm --
     def _backward(self, i: int, t: int) -> float:
@@ -218,6 +231,7 @@ class Reference:
         self.steps += 1
         t = self.steps
         is_round = t % self.case.tau == 0
+        sent_buffers = self._float_buffers() if self._buffers_sent_early(t) else None
         ys = []
         for i in range(self.p):
             self.losses[i].append(self._backward(i, t))
@@ -232,7 +246,7 @@ class Reference:
                 self._apply_easgd(ys, self._mean(ys))
             else:
                 self._sync_pull(method)
-            self._average_buffers()
+            self._average_buffers(sent_buffers)
             return
         # async
         if method == "easgd":

@@ -237,3 +237,22 @@ def test_lr_schedules():
     assert lr_at(c, 6, spe, total) == pytest.approx(0.55)
     assert lr_at(c, 11, spe, total) == pytest.approx(1.0)
     assert all(math.isfinite(lr_at(c, s, spe, total)) for s in range(1, 120))
+
+
+@pytest.mark.parametrize("value", [None, "false"])
+def test_start_early_reaches_the_optimizer(tmp_path, value):
+    """`optimizer.start_early` (default true) is what the trainer's ElasticOptimizer gets."""
+    import horovod.torch as hvd
+
+    from hvd_easgd.models import build_model
+    from hvd_easgd.train import build_optimizer
+
+    hvd.init()
+    overrides = [] if value is None else [f"optimizer.start_early={value}"]
+    cfg = load_config(write(tmp_path / "r.yaml", MINIMAL), overrides)
+    model = build_model("digits_net", 10, in_channels=1)
+    opt, kind = build_optimizer(cfg, model, hvd.size(), hvd.rank())
+    try:
+        assert kind == "elastic" and opt.start_early is (value is None)
+    finally:
+        opt.close()

@@ -37,8 +37,10 @@ MATCH_CASES = [
          center_average="moving", average_rate=0.3, seed=6),
     Case(name="eamsgd-tau1", method="easgd", opt="nesterov", tau=1, steps=4, seed=7),
     Case(name="easgd-bn-buffers", method="easgd", opt="sgd", model="bn", buffers=True, seed=8),
-    # easgd-sgd-wd with every round started at its own step (start_early=False)
+    # the two above with every round started at its own step (start_early=False)
     Case(name="easgd-sgd-wd-late", method="easgd", opt="sgd", extra={"start_early": False}),
+    Case(name="easgd-bn-buffers-late", method="easgd", opt="sgd", model="bn", buffers=True,
+         seed=8, extra={"start_early": False}),
 ]
 FP16_CASE = Case(name="easgd-fp16", method="easgd", opt="sgd", compression="fp16")
 RESUME_ITEMS = [
@@ -173,9 +175,8 @@ def test_one_allreduce_per_round(sync_job, case):
     np_, by_name = sync_job
     ranks = _ok(by_name[case.name], case.name)
     # Sync EASGD starts a round's allreduce when the step before its own ends (start_early),
-    # unless the round carries buffers or start_early=False; the last step may start one more.
-    early = (case.method == "easgd" and not case.buffers
-             and case.extra.get("start_early", True))
+    # unless start_early=False; the last step may start one more.
+    early = case.method == "easgd" and case.extra.get("start_early", True)
     want = [0] * case.steps
     for t in range(case.tau, case.steps + 2, case.tau):
         at = t - 1 if early and t > 1 else t
@@ -192,10 +193,13 @@ def test_one_allreduce_per_round(sync_job, case):
 
 
 @pytest.mark.timeout(300)
-def test_starting_rounds_early_changes_no_bit(sync_job):
+@pytest.mark.parametrize("name", ["easgd-sgd-wd", "easgd-bn-buffers"])
+def test_starting_rounds_early_changes_no_bit(sync_job, name):
+    """Parameters and center bit for bit, BatchNorm models too (their buffers differ: the
+    next test)."""
     np_, by_name = sync_job
-    early = _ok(by_name["easgd-sgd-wd"], "easgd-sgd-wd")
-    late = _ok(by_name["easgd-sgd-wd-late"], "easgd-sgd-wd-late")
+    early = _ok(by_name[name], name)
+    late = _ok(by_name[f"{name}-late"], f"{name}-late")
     for r in range(np_):
         assert early[r]["per_step"] != late[r]["per_step"]  # the rounds did start earlier
         assert early[r]["params"] == late[r]["params"], f"rank {r}: params differ"
@@ -217,22 +221,30 @@ def test_a_round_started_early_survives_edits_close_and_load(sync_job):
 
 
 @pytest.mark.timeout(300)
-def test_buffers_averaged_each_round(sync_job):
+@pytest.mark.parametrize("name", ["easgd-bn-buffers-late", "easgd-bn-buffers"])
+def test_buffers_averaged_each_round(sync_job, name):
+    """Started at the round step, a round leaves every worker at the mean of its buffers.
+    Started early (the default), it averages them as they were before the round step's
+    forward, and each worker keeps its own change since."""
     np_, by_name = sync_job
-    case = next(c for c in MATCH_CASES if c.buffers)
+    case = next(c for c in MATCH_CASES if c.name == name)
     ranks = _ok(by_name[case.name], case.name)
+    early = case.extra.get("start_early", True)
     steps = sorted(ranks[0]["bufs_after"], key=int)
     assert [int(t) for t in steps] == list(range(case.tau, case.steps + 1, case.tau))
     for t in steps:
-        pre = [res["bufs_before"][t] for res in ranks]
-        mean = [sum(vals) / np_ for vals in zip(*pre)]
+        sent = [res["bufs_sent" if early else "bufs_before"][t] for res in ranks]
+        mean = [sum(vals) / np_ for vals in zip(*sent)]
         for r, res in enumerate(ranks):
-            # equal across ranks (up to rounding: each worker moves its own buffers)
-            d = max_abs_diff(res["bufs_after"][t], ranks[0]["bufs_after"][t])
-            assert d < TOL, f"step {t}: rank {r} buffers differ from rank 0's by {d}"
-            assert max_abs_diff(res["bufs_after"][t], mean) < TOL
+            want = mean
+            if early:  # b - b_sent + mean
+                want = [b - s + m for b, s, m in zip(res["bufs_before"][t], sent[r], mean)]
+            d = max_abs_diff(res["bufs_after"][t], want)
+            assert d < TOL, f"step {t}: rank {r} buffers off by {d}"
         # the workers really had different statistics before the round
-        assert max_abs_diff(pre[0], pre[1]) > 1e-3
+        assert max_abs_diff(sent[0], sent[1]) > 1e-3
+        if early:  # and the forward really moved them after the values sent
+            assert max_abs_diff(ranks[0]["bufs_before"][t], sent[0]) > 1e-3
     # the center's copy of the buffers is exported, and bit-identical across ranks
     for r, res in enumerate(ranks):
         assert len(res["center_buffers"]) == len(res["buffers"]) > 0

@@ -31,11 +31,13 @@ def run_match(item, rank):
     case = Case.from_dict(item["case"])
     model, base, opt = build(case, rank)
     per_step = []
-    bufs_before, bufs_after = {}, {}
+    bufs_sent, bufs_before, bufs_after = {}, {}, {}
     from tests.reference import local_backward
 
     with AllreduceCounter() as counter:
         for t in range(1, case.steps + 1):
+            if case.buffers and t % case.tau == 0:
+                bufs_sent[t] = float_buffers_list(model)  # before the round step's forward
             local_backward(model, opt, case, rank, t)
             if case.buffers and t % case.tau == 0:
                 bufs_before[t] = float_buffers_list(model)
@@ -50,7 +52,7 @@ def run_match(item, rank):
         total_count = counter.count
     out = snapshot(case, opt, model)
     out.update(per_step=per_step, sync_allreduces=sync_count, total_allreduces=total_count,
-               bufs_before=bufs_before, bufs_after=bufs_after)
+               bufs_sent=bufs_sent, bufs_before=bufs_before, bufs_after=bufs_after)
     # center_state_dict loads into a fresh model
     fresh = copy.deepcopy(model)
     with torch.no_grad():
