@@ -306,6 +306,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         for name, row in rows.items():
             base = name.split("@")[0]
             tau = row.get("tau") or 1
+            t_s_easgd = _cycle_of(name, cycle) / 2e3  # half a cycle: an EASGD round's start
             if name.startswith("hvd-sgd") or base == "torch-ddp":
                 t_s = 0.0 if base == "torch-ddp" else cycle.get("hvd-default", 1.0) / 2e3
                 ideal = sync_sgd_step(t_c, t_ar + t_s, args.check_overlap)
@@ -314,15 +315,12 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
                 ideal = exposed = easgd_sync_step(t_c, t_ar, tau, args.check_math_passes / 2
                                                   * probe["pass_seconds"], 0.0)
             elif base.startswith("easgd-synclate"):
-                t_s = _cycle_of(name, cycle) / 2e3
-                ideal = exposed = easgd_sync_step(t_c, t_ar, tau, t_m, t_s)
+                ideal = exposed = easgd_sync_step(t_c, t_ar, tau, t_m, t_s_easgd)
             elif base.startswith("easgd-sync"):  # started a step early: hides behind one step
-                t_s = _cycle_of(name, cycle) / 2e3
-                ideal = easgd_sync_step(t_c, t_ar, tau, t_m, t_s, hidden=t_c)
+                ideal = easgd_sync_step(t_c, t_ar, tau, t_m, t_s_easgd, hidden=t_c)
                 exposed = easgd_sync_step(t_c, t_ar, tau, t_m, 0.0)
             elif base.startswith("easgd-async"):
-                t_s = _cycle_of(name, cycle) / 2e3
-                ideal = easgd_async_step(t_c, t_ar, tau, t_m, t_s)
+                ideal = easgd_async_step(t_c, t_ar, tau, t_m, t_s_easgd)
                 exposed = easgd_sync_step(t_c, t_ar, tau, t_m, 0.0)
             else:
                 continue
