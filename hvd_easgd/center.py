@@ -33,7 +33,13 @@ class Counters:
 
     step: int = 0  # calls of step()
     round: int = 0  # rounds started
-    bad_streak: int = 0  # consecutive rounds skipped for non-finite contributions
+    #: The last rounds' verdicts, newest in bit 0: 1 = skipped for a non-finite contribution.
+    bad_history: int = 0
+
+    def record_round(self, bad: bool, window: int) -> int:
+        """Add a round's verdict; return how many of the last ``window`` rounds were bad."""
+        self.bad_history = ((self.bad_history << 1) | int(bad)) & ((1 << window) - 1)
+        return bin(self.bad_history).count("1")
 
 
 class CenterState:
@@ -121,6 +127,17 @@ class CenterState:
                 velocity.zero_()
 
     @torch.no_grad()
+    def center_from_live_params(self) -> None:
+        """Set the center's parameters (and their average) to the live ones; the buffers'
+        center is left alone (workers' BatchNorm statistics differ until a round averages
+        them, and the replicas of the center must not)."""
+        for views in (self.center_views, self.average_views or []):
+            for g, group_views in zip(self.groups, views):
+                k = g.num_params
+                if k:
+                    torch._foreach_copy_(list(group_views[:k]), g.tensors[:k])
+
+    @torch.no_grad()
     def live_from_center(self) -> None:
         """Put every live parameter and averaged buffer at the center."""
         for g, views in zip(self.groups, self.center_views):
@@ -193,12 +210,18 @@ def copy_into(saved: Any, current: Any) -> Any:
 
 
 @torch.no_grad()
+def restore_live(state: CenterState, commit: Commit) -> None:
+    """Put the committed parameters and buffers back into the model, and nothing else."""
+    for g, flat in zip(state.groups, commit.live):
+        g.scatter_copy(g.views(flat))
+
+
+@torch.no_grad()
 def restore_commit(state: CenterState, local: torch.optim.Optimizer, commit: Commit,
                    *, live: bool = True) -> Counters:
     """Copy a commit back; return its counters. ``live=False`` leaves the model alone."""
     if live:
-        for g, flat in zip(state.groups, commit.live):
-            g.scatter_copy(g.views(flat))
+        restore_live(state, commit)
     for mine, saved in zip(state.tensors(), commit.tensors):
         mine.copy_(saved)
     # A deep copy: torch's load_state_dict may keep the very tensors it is given, and the
@@ -290,6 +313,21 @@ def warn_if_saved_elsewhere(easgd: Dict[str, Any], world_size: int, method: str,
             f"the state dict was saved by method {easgd['method']!r}; continuing with {method!r}",
             stacklevel=3,
         )
+
+
+def adopt_warmup(easgd: Dict[str, Any], warmup_steps: int) -> int:
+    """The warm-up's switch point a resumed run keeps: the one it was saved with (a run
+    switches to EASGD once, at the step it planned), with a warning if this job asked for
+    another. State dicts saved before the warm-up existed keep ``warmup_steps``."""
+    saved = easgd.get("warmup_steps")
+    if saved is None or int(saved) == warmup_steps:
+        return warmup_steps
+    warnings.warn(
+        f"the state dict was saved with warmup_steps={saved} and this optimizer has "
+        f"warmup_steps={warmup_steps}: keeping the saved switch point, {saved}",
+        stacklevel=3,
+    )
+    return int(saved)
 
 
 def _unpack_buffers(state: CenterState, saved: Dict[str, Dict[str, torch.Tensor]]) -> None:

@@ -28,7 +28,16 @@ def check_tau(tau: Any) -> int:
 def resolve_coefficients(
     alpha: Optional[float], beta: Optional[float], world_size: int
 ) -> Tuple[float, float]:
-    """``(alpha, beta)`` from whichever one was given, with ``beta = p * alpha``."""
+    """``(alpha, beta)`` for ``world_size`` peers from whichever one was given.
+
+    With two or more peers, the paper's symmetric pair ``beta = p * alpha``. With one, the pair
+    the elastic force tends to as it has nothing to balance: ``alpha = 0, beta = 1``. The
+    center's own term ``rho/2 ||x - c||^2`` is smallest at ``c = x``, and a symmetric force at
+    ``p = 1`` makes the center a second particle of equal mass that never computes a gradient:
+    ``x + c`` is conserved by every round, so the pair moves at half the worker's speed. A lone
+    worker is therefore left alone (plain SGD, bit for bit) and the center takes its value each
+    round. Both values are validated as given first, so a bad setting fails at any ``p``.
+    """
     if alpha is not None and beta is not None:
         raise ValueError(
             "give either beta (then alpha = beta / p) or alpha (then beta = p * alpha), not both"
@@ -43,14 +52,23 @@ def resolve_coefficients(
                 f"alpha={alpha} with {world_size} workers gives beta = p * alpha = {beta:g} > 1; "
                 f"use alpha <= {1 / world_size:g}, or give beta in (0, 1] instead"
             )
-        return alpha, beta
+        return (0.0, 1.0) if world_size == 1 else (alpha, beta)
     beta = DEFAULT_BETA if beta is None else check_real("beta", beta)
     if not 0 < beta <= 1:
         raise ValueError(
             f"beta must be in (0, 1] (the center's step toward the workers' mean; the paper "
             f"uses 0.9), got {beta}"
         )
-    return beta / world_size, beta
+    return (0.0, 1.0) if world_size == 1 else (beta / world_size, beta)
+
+
+def check_warmup(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(
+            f"warmup_steps must be an integer >= 0 (synchronous-SGD steps before EASGD "
+            f"starts; 0 for none), got {steps!r}"
+        )
+    return int(steps)
 
 
 def check_real(name: str, value: Any) -> float:

@@ -198,6 +198,19 @@ def wait_for_handle(handle: Any, cancelled: Callable[[], bool] = lambda: False) 
     return hvd.synchronize(handle)
 
 
+def average_gradients(params: Sequence[torch.Tensor], name: str,
+                      process_set: Any = None) -> int:
+    """Average the parameters' gradients over ``process_set`` (default: every worker) in one
+    grouped allreduce, as synchronous SGD does; return the bytes this worker sent."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0
+    handle = hvd.grouped_allreduce_async_(grads, op=hvd.Average, name=name,
+                                          process_set=process_set or hvd.global_process_set)
+    wait_for_handle(handle)
+    return sum(g.numel() * g.element_size() for g in grads)
+
+
 class Communicator:
     """Sums flat buffers over all workers with one (compressed) grouped allreduce."""
 

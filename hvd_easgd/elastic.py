@@ -40,12 +40,19 @@ CENTER_AVERAGES = ("running", "moving")
 
 @dataclass(frozen=True)
 class ElasticRule:
-    """One method's round update. ``alpha`` is the elastic coefficient (``beta / p``)."""
+    """One method's round update.
+
+    ``alpha`` pulls the worker (``x -= alpha * d``); EASGD's center moves by ``beta`` toward the
+    workers' mean (``c += beta / p * total``). ``beta`` defaults to ``p * alpha``, the paper's
+    symmetric force; :func:`hvd_easgd.checks.resolve_coefficients` gives a lone worker
+    ``alpha = 0, beta = 1`` (the center follows it and plain SGD is left).
+    """
 
     method: str
     alpha: float
     world_size: int
     master_momentum: float = 0.0
+    beta: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,7 +87,8 @@ class ElasticRule:
         pass over the buffer.
         """
         if self.method == "easgd":
-            center.add_(total, alpha=self.alpha)
+            beta = self.alpha * self.world_size if self.beta is None else self.beta
+            center.add_(total, alpha=beta / self.world_size)
             return -self.alpha
         if self.method == "average":
             total.div_(self.world_size)

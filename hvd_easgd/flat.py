@@ -47,9 +47,9 @@ class FlatGroup:
     def scatter_add(self, flat_views: Sequence[torch.Tensor], alpha: float = 1.0,
                     buffer_alpha: float = 1.0) -> None:
         """Add the flat buffer behind ``flat_views`` to the live tensors: ``alpha`` times it to
-        the parameters, ``buffer_alpha`` times it to the buffers."""
+        the parameters, ``buffer_alpha`` times it to the buffers (``alpha = 0``: no pass)."""
         k = self.num_params
-        if k:
+        if k and alpha:
             torch._foreach_add_(self.tensors[:k], list(flat_views[:k]), alpha=alpha)
         if k < len(self.tensors):
             torch._foreach_add_(self.tensors[k:], list(flat_views[k:]), alpha=buffer_alpha)

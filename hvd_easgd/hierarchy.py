@@ -39,7 +39,9 @@ from typing import Any, Callable, List, Optional, Sequence
 import horovod.torch as hvd
 import torch
 
-from hvd_easgd.comm import Communicator, ExchangeStats, Pending, allreduce_into, wait_for_handle
+from hvd_easgd.comm import (
+    Communicator, ExchangeStats, Pending, allreduce_into, average_gradients, wait_for_handle,
+)
 
 HOST = "host"
 SETS_HINT = (
@@ -205,15 +207,8 @@ def _set_topology(process_set: Any, rank: int) -> Topology:
 def reduce_gradients(topology: Topology, params: List[torch.Tensor], stats: ExchangeStats,
                      name: str) -> None:
     """Average the gradients over this worker's group (synchronous SGD inside a node)."""
-    if topology.group_set is None:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    handle = hvd.grouped_allreduce_async_(grads, op=hvd.Average, name=name,
-                                          process_set=topology.group_set)
-    wait_for_handle(handle)
-    stats.group_bytes += sum(g.numel() * g.element_size() for g in grads)
+    if topology.group_set is not None:
+        stats.group_bytes += average_gradients(params, name, topology.group_set)
 
 
 def bounds(numel: int, parts: int, index: int) -> slice:

@@ -29,14 +29,15 @@ import torch
 
 from hvd_easgd import recovery
 from hvd_easgd.center import (
-    CenterState, Counters, pack_state_dict, split_state_dict, unpack_state_dict,
+    CenterState, Counters, adopt_warmup, pack_state_dict, split_state_dict, unpack_state_dict,
     warn_if_saved_elsewhere,
 )
 from hvd_easgd.checks import (
-    DEFAULT_BETA, check_options, check_patience, check_tau, float_buffers, name_parameters,
+    DEFAULT_BETA, check_options, check_patience, check_tau, check_warmup, float_buffers,
+    name_parameters,
     resolve_coefficients, signature,
 )
-from hvd_easgd.comm import BackgroundExchange, ExchangeStats
+from hvd_easgd.comm import BackgroundExchange, ExchangeStats, average_gradients
 from hvd_easgd.elastic import ElasticRule, buffer_rule
 from hvd_easgd.flat import group_tensors
 from hvd_easgd import hierarchy as hier
@@ -117,6 +118,16 @@ class ElasticOptimizer(torch.optim.Optimizer):
         check_consistency: check that every worker has the same parameter names, shapes,
             dtypes and EASGD settings (one small allgather at construction, or at the first
             Horovod Elastic sync).
+        warmup_steps: train with synchronous SGD for this many steps first (gradients averaged
+            over the workers every step, exactly as ``hvd.DistributedOptimizer``; the center
+            follows the identical workers), then with EASGD, the first round ``tau`` steps
+            after the switch. Like torch's post-local SGD (``start_localSGD_iter``): early
+            training, where the loss falls fastest, gets synchronous SGD's speed. The switch
+            point travels in :meth:`state_dict` and Horovod Elastic syncs. Default 0.
+        survivors: what the workers that stay through a Horovod Elastic membership change
+            train on: ``"own"`` (their own last committed parameters, so no local progress is
+            thrown away) or ``"center"`` (every worker restarts from the center). A worker
+            that joins always starts from the center.
 
     Memory: the center (1x the synchronised tensors), one round buffer in sync mode and two in
     async mode, plus one output for the round on the wire, kept from round to round (no
@@ -146,6 +157,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         hierarchy: Any = None,
         process_set: Any = None,
         start_early: bool = True,
+        warmup_steps: int = 0,
+        survivors: str = "own",
     ) -> None:
         check_outer_options(method, outer_optimizer, alpha, beta)
         check_options(optimizer, ElasticOptimizer, method=method, mode=mode, modes=MODES,
@@ -161,6 +174,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.nonfinite_patience = check_patience(nonfinite_patience)
         self.check_consistency = bool(check_consistency)
         self.start_early = bool(start_early)
+        self.warmup_steps = check_warmup(warmup_steps)
+        self.survivors = recovery.check_survivors(survivors)
 
         named = name_parameters(optimizer, named_parameters)
         buffers = float_buffers(named_buffers, named)
@@ -218,6 +233,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             "nonfinite_patience": self.nonfinite_patience,
             "outer_optimizer": describe(self.outer_optimizer),
             "hierarchy": None if self.topology is None else self.topology.describe(),
+            "warmup_steps": self.warmup_steps, "survivors": self.survivors,
         }
 
     def signature(self) -> tuple:
@@ -241,9 +257,9 @@ class ElasticOptimizer(torch.optim.Optimizer):
         """Everything that depends on the number of workers and this worker's rank."""
         size, rank = hvd.size(), hvd.rank()
         peers = self._peers()
-        alpha, _ = resolve_coefficients(*self._coefficients, peers)
+        alpha, beta = resolve_coefficients(*self._coefficients, peers)
         if self.outer_optimizer is None:
-            self.rule = ElasticRule(self.method, alpha, peers, self.master_momentum)
+            self.rule = ElasticRule(self.method, alpha, peers, self.master_momentum, beta)
         else:
             self.rule = OuterRule(self.method, alpha, peers, self.outer_optimizer, self.groups,
                                   self.buffers.centers, self.buffers.center_views)
@@ -263,9 +279,22 @@ class ElasticOptimizer(torch.optim.Optimizer):
         """Communication rounds started so far."""
         return self.counters.round
 
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the next :meth:`step` is a synchronous-SGD warm-up step."""
+        return self.counters.step < self.warmup_steps
+
+    def round_due(self, step: int) -> bool:
+        """Whether step number ``step`` (1-based) ends with a round: every ``tau`` steps,
+        counted from the end of the warm-up."""
+        return step > self.warmup_steps and (step - self.warmup_steps) % self.tau == 0
+
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One local optimizer step; at every ``tau``-th step, also a communication round."""
         self._raise_if_failed()
+        recovery.follow_world(self)
+        if self.in_warmup:
+            return self._warmup_step(closure)
         if self.topology is not None and self.topology.group_set is not None:
             if closure is not None:
                 raise ValueError("step(closure) with hierarchy=: compute the gradients before "
@@ -274,14 +303,37 @@ class ElasticOptimizer(torch.optim.Optimizer):
                                   f"{self.communicator.name}.grads")
         self.counters.step += 1
         self.stats.steps += 1
-        if self.counters.step % self.tau:
-            loss = self.optimizer.step(closure)
-        else:
-            recovery.follow_world(self)
+        if self.round_due(self.counters.step):
             loss = self.rounds.run(closure)
-        if (self.counters.step + 1) % self.tau == 0:
+        else:
+            loss = self.optimizer.step(closure)
+        if self.round_due(self.counters.step + 1):
             self.rounds.start_early()
         return loss
+
+    def _warmup_step(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
+        """Synchronous SGD: average the gradients over the peers, step, and keep the center at
+        the (identical) workers, so that EASGD starts from them at the switch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.stats.cross_group_bytes += average_gradients(
+            self._params(), f"{self.communicator.name}.warmup", self.topology_peers())
+        self.counters.step += 1
+        self.stats.steps += 1
+        self.optimizer.step()
+        self.buffers.center_from_live_params()
+        if self.round_due(self.counters.step + 1):
+            self.rounds.start_early()
+        return loss
+
+    def topology_peers(self) -> Any:
+        """The process set EASGD's peers form: every worker, or ``process_set=``'s members."""
+        topology = self.topology
+        if topology is not None and topology.group_set is None:
+            return topology.cross_set
+        return hvd.global_process_set
 
     def synchronize(self) -> None:
         """Wait for the round in flight and apply it (async mode); a no-op in sync mode.
@@ -353,7 +405,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         """
         self.synchronize()
         settings = {"method": self.method, "mode": self.mode, "tau": self.tau,
-                    "alpha": self.alpha, "beta": self.beta, "world_size": self.world[0]}
+                    "alpha": self.alpha, "beta": self.beta, "world_size": self.world[0],
+                    "warmup_steps": self.warmup_steps}
         sd = pack_state_dict(self.optimizer.state_dict(), self.buffers, self._params(),
                              self.counters, settings)
         if self.outer_optimizer is not None:
@@ -384,6 +437,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self.counters = Counters()
             return
         self.counters = unpack_state_dict(self.buffers, params, ours, easgd)
+        self.warmup_steps = adopt_warmup(easgd, self.warmup_steps)
         if self.outer_optimizer is not None and easgd.get("outer") is not None:
             self.outer_optimizer.load_state_dict(easgd["outer"])
         warn_if_saved_elsewhere(easgd, self.world[0], self.method, self.alpha)

@@ -19,10 +19,11 @@ What each of Horovod's events does to the optimizer:
 - after every reset (``sync``, a collective): alpha and every rule follow the
   new ``hvd.size()``; one allgather checks that all workers run the same model and settings and
   finds the survivors; the lowest-ranked survivor broadcasts its committed center and counters,
-  so the replicas are bit-identical again. Every worker then restarts from that center (the
-  departed worker's data lives on only there; on Horovod's elastic MNIST example this ends
-  ~0.5 points closer to the run without a fault than survivors keeping their own parameters).
-  A survivor keeps its local optimizer state; a worker that joins starts with a fresh one.
+  so the replicas are bit-identical again. A worker that joins starts from that center with a
+  fresh local optimizer. A survivor keeps its local optimizer state and, by default
+  (``survivors="own"``), its own committed parameters: restarting it from the center would
+  throw away the local progress the center has not caught up with yet. With one worker left
+  the center then follows it (:func:`hvd_easgd.checks.resolve_coefficients`).
 - hosts removed without a failure (Horovod skips the sync): the next round sees the new size,
   drops the round in flight (every worker committed at the same step, so all drop the same
   one) and re-derives alpha; the centers were identical already.
@@ -42,8 +43,10 @@ worker checks before applying it (:meth:`CenterState.round_is_finite`); only the
 workers allgather one flag each to learn who sent it. No worker applies the round (the center
 keeps its last finite value), the bad workers restart from the center with fresh local
 optimizer state, rank 0 and the bad ranks warn, naming them, and
-``opt.stats.skipped_rounds`` counts it. After ``nonfinite_patience`` such rounds in a row every
-worker raises :class:`NonFiniteError`.
+``opt.stats.skipped_rounds`` counts it. When ``nonfinite_patience`` of the last
+``2 * nonfinite_patience`` rounds were skipped, every worker raises :class:`NonFiniteError`. A
+window, not a streak: in async mode a worker restarted from the center sends one good round
+(the values it was restarted from) between two bad ones, and must still be stopped.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from typing import TYPE_CHECKING, List, Optional
 import horovod.torch as hvd
 import torch
 
-from hvd_easgd.center import Commit, Counters, restore_commit, take_commit
+from hvd_easgd.center import Commit, Counters, restore_commit, restore_live, take_commit
 from hvd_easgd.checks import check_signatures
 
 if TYPE_CHECKING:
@@ -106,6 +109,21 @@ def nonfinite_ranks(opt: "ElasticOptimizer", slot: int) -> List[int]:
     return [members[i] for i in torch.nonzero(flags).flatten().tolist()] or [-1]
 
 
+SURVIVORS = ("own", "center")
+
+
+def check_survivors(survivors: str) -> str:
+    if survivors not in SURVIVORS:
+        raise ValueError(f"survivors must be one of {', '.join(map(repr, SURVIVORS))} (what the "
+                         f"workers that stay through an elastic reset train on), got {survivors!r}")
+    return survivors
+
+
+def window(patience: int) -> int:
+    """How many recent rounds the non-finite verdict looks at."""
+    return 2 * patience
+
+
 def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
     """Apply nothing of this round; restart the bad workers; raise past the patience.
 
@@ -114,7 +132,8 @@ def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
     Returns whether this worker restarted from the center.
     """
     opt.stats.skipped_rounds += 1
-    opt.counters.bad_streak += 1
+    patience = opt.nonfinite_patience
+    count = opt.counters.record_round(True, window(patience))
     rank = opt.world[1]
     overflow = bad == [-1]
     ranks = f"rank(s) {', '.join(map(str, bad))}"
@@ -123,16 +142,16 @@ def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
     if restarted:
         opt.buffers.live_from_center()
         opt.optimizer.state.clear()
-    streak, patience = opt.counters.bad_streak, opt.nonfinite_patience
     if rank == 0 or restarted:
         after = "" if overflow else f"; {ranks} restart from the center with fresh optimizer state"
         warnings.warn(
             f"EASGD round {opt.counters.round} (step {opt.counters.step}): {who} was not "
             f"finite (NaN or inf). No worker applied the round, the center keeps its last finite "
-            f"value{after}. Bad rounds in a row: {streak} of {patience}.",
+            f"value{after}. Bad rounds among the last {window(patience)}: {count} of {patience} "
+            f"allowed.",
             NonFiniteWarning, stacklevel=4,
         )
-    if streak >= patience:
+    if count >= patience:
         fix = ("use compression=hvd.Compression.none (fp16 overflows above 65504) or lower the "
                "learning rate" if overflow else
                "lower the learning rate (or add warm-up or gradient clipping) and check those "
@@ -140,8 +159,8 @@ def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
         error = NonFiniteError(
             f"EASGD stopped at step {opt.counters.step}: "
             f"{'the sum on the wire was' if overflow else ranks + ' sent'} non-finite values in "
-            f"{streak} consecutive rounds, even after restarting from the center "
-            f"(nonfinite_patience={patience}). Training diverges there: {fix}."
+            f"{count} of the last {window(patience)} rounds, even after restarting from the "
+            f"center (nonfinite_patience={patience}). Training diverges there: {fix}."
         )
         opt.rounds.error = error
         raise error
@@ -159,12 +178,16 @@ def follow_world(opt: "ElasticOptimizer") -> None:
         opt.stats.resets += 1
 
 
-def sync_workers(opt: "ElasticOptimizer") -> None:
+def sync_workers(opt: "ElasticOptimizer", committed: Optional[Commit] = None) -> None:
     """Bring every worker to one agreed state after ``hvd.elastic`` (re)started the job.
 
-    Collective: every worker calls it (from ``TorchState.sync``). Every worker restarts from
-    the center of the lowest-ranked survivor (a worker that has trained in this job before);
-    survivors keep their local optimizer state, joiners start with a fresh one.
+    Collective: every worker calls it (from ``TorchState.sync``). Every worker takes the
+    center, counters and warm-up switch point of the lowest-ranked survivor (a worker that has
+    trained in this job before). A joiner starts from that center with a fresh local optimizer;
+    a survivor keeps its local optimizer state and, with ``survivors="own"``, the parameters
+    of its last commit, ``committed`` (Horovod's model handler has just overwritten them with
+    rank 0's). During a warm-up every worker starts from the center: synchronous SGD needs
+    them equal.
     """
     opt.rounds.reset()
     opt._configure_world()
@@ -174,22 +197,27 @@ def sync_workers(opt: "ElasticOptimizer") -> None:
     if opt.check_consistency:
         check_signatures([sig for _, sig in everyone])
     root = next((r for r, (alive, _) in enumerate(everyone) if alive), 0)
+    if opt.in_warmup:
+        opt.buffers.reset_from_live()  # synchronous SGD: the center is the workers' value
     for index, tensor in enumerate(opt.buffers.tensors()):
         hvd.broadcast_(tensor, root_rank=root, name=f"{opt.communicator.name}.sync.{index}")
-    step, rounds = hvd.broadcast_object(
-        (opt.counters.step, opt.counters.round), root_rank=root,
+    step, rounds, opt.warmup_steps = hvd.broadcast_object(
+        (opt.counters.step, opt.counters.round, opt.warmup_steps), root_rank=root,
         name=f"{opt.communicator.name}.sync.counters",
     )
     if opt.buffers.outer is not None:  # the outer optimizer's momentum is part of the center
         outer = opt.buffers.outer
         outer.load_state_dict(hvd.broadcast_object(
             outer.state_dict(), root_rank=root, name=f"{opt.communicator.name}.sync.outer"))
-    opt.buffers.live_from_center()
+    opt.counters = Counters(step=int(step), round=int(rounds))
+    if survivor and opt.survivors == "own" and not opt.in_warmup and committed is not None:
+        restore_live(opt.buffers, committed)
+    else:
+        opt.buffers.live_from_center()
     if survivor:
         opt.stats.resets += 1
     else:
         opt.optimizer.state.clear()
-    opt.counters = Counters(step=int(step), round=int(rounds))
     opt.synced = True
 
 
@@ -220,7 +248,7 @@ def _handler_class():
             opt._link()
 
         def sync(self) -> None:
-            sync_workers(self.value)
+            sync_workers(self.value, self._saved)
             self.save()
 
     return ElasticOptimizerStateHandler

@@ -213,7 +213,7 @@ class Rounds:
         buffers = opt.buffers
         if not buffers.round_is_finite(totals):
             return recovery.skip_round(opt, recovery.nonfinite_ranks(opt, slot))
-        opt.counters.bad_streak = 0
+        opt.counters.record_round(False, recovery.window(opt.nonfinite_patience))
         for gi, group in enumerate(opt.groups):
             center, diff, total = buffers.centers[gi], buffers.rounds[slot][gi], totals[gi]
             n = group.param_numel

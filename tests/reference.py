@@ -4,7 +4,15 @@ p simulated workers, each with its own copy of the model, its own ``torch.optim.
 own deterministic data, plus one center. Nothing here imports ``hvd_easgd``: the tests compare the
 real multi-process wrapper against this file.
 
-The semantics implemented (steps are counted from 1, a round happens at steps tau, 2*tau, ...):
+The semantics implemented (steps are counted from 1, a round happens at steps tau, 2*tau, ...,
+counted from the end of the warm-up when Case.extra["warmup_steps"] = W > 0):
+
+warm-up (steps 1..W): every worker's gradient on its own batch; the gradients are averaged over
+    the workers and every worker takes the same local step (synchronous SGD); c <- x.
+one worker (p = 1, a fresh job or what an elastic shrink leaves): alpha = 0, beta = 1 for
+    EASGD (the worker is not pulled, the center takes y); async mode is sync with one worker.
+membership changes (ElasticReference): a shrink drops the highest ranks, the survivors keep
+    their parameters and local optimizer state; a joiner starts at c with a fresh optimizer.
 
 sync, method="easgd":
     y_i = x_i before the local update (where the gradient was taken); local update;
@@ -154,10 +162,7 @@ class Reference:
             raise ValueError(case.method)
         if case.mode not in ("sync", "async"):
             raise ValueError(case.mode)
-        if case.alpha is not None:
-            self.alpha, self.beta = case.alpha, p * case.alpha
-        else:
-            self.alpha, self.beta = case.beta / p, case.beta
+        self.set_world(p)
         base = build_model(case, rank=0)
         self.models = [copy.deepcopy(base) for _ in range(p)]
         self.opts = [build_optimizer(case, m.parameters()) for m in self.models]
@@ -169,6 +174,24 @@ class Reference:
         self.applied = 0  # rounds whose center update has been applied
         self.pending = None  # async: (per-worker y list, mean list)
         self.losses: List[List[float]] = [[] for _ in range(p)]
+
+    def set_world(self, p: int) -> None:
+        """The coefficients for ``p`` workers: symmetric for p >= 2, (0, 1) for one."""
+        case = self.case
+        self.p = p
+        if p == 1:
+            self.alpha, self.beta = 0.0, 1.0
+        elif case.alpha is not None:
+            self.alpha, self.beta = case.alpha, p * case.alpha
+        else:
+            self.alpha, self.beta = case.beta / p, case.beta
+
+    @property
+    def warmup(self) -> int:
+        return int(self.case.extra.get("warmup_steps", 0))
+
+    def is_round(self, t: int) -> bool:
+        return t > self.warmup and (t - self.warmup) % self.case.tau == 0
 
     # -- helpers --
     def _params(self, i):
@@ -205,7 +228,7 @@ class Reference:
         case = self.case
         return (case.buffers and case.mode == "sync" and case.method == "easgd"
                 and case.extra.get("start_early", True) and self.p > 1 and t > 1
-                and t % case.tau == 0)
+                and self.is_round(t))
 
     def _float_buffers(self):
         return [[b.detach().clone() for _, b in float_buffers(m)] for m in self.models]
@@ -227,10 +250,26 @@ class Reference:
         """Worker i's gradient for step t (HierReference: its group's average)."""
         return local_backward(self.models[i], self.opts[i], self.case, i, t)
 
+    def _warmup_step(self, t: int) -> None:
+        grads = []
+        for i in range(self.p):
+            self.losses[i].append(self._backward(i, t))
+            grads.append([x.grad.clone() for x in self._params(i)])
+        mean = self._mean(grads)
+        for i in range(self.p):
+            for x, g in zip(self._params(i), mean):
+                x.grad = g.clone()
+            self.opts[i].step()
+        with torch.no_grad():
+            for c, x in zip(self.center, self._params(0)):
+                c.copy_(x)
+
     def step(self):
         self.steps += 1
         t = self.steps
-        is_round = t % self.case.tau == 0
+        if t <= self.warmup:
+            return self._warmup_step(t)
+        is_round = self.is_round(t)
         sent_buffers = self._float_buffers() if self._buffers_sent_early(t) else None
         ys = []
         for i in range(self.p):
@@ -241,7 +280,7 @@ class Reference:
             return
         self.rounds += 1
         method, mode = self.case.method, self.case.mode
-        if mode == "sync":
+        if mode == "sync" or self.p == 1:
             if method == "easgd":
                 self._apply_easgd(ys, self._mean(ys))
             else:
@@ -334,6 +373,36 @@ class Reference:
 
 def reference_result(case: Case, p: int) -> dict:
     return Reference(case, p).run().result()
+
+
+class ElasticReference(Reference):
+    """:class:`Reference` whose number of workers changes after given steps (sync mode).
+
+    ``schedule``: ``[(after_step, p), ...]``. Shrinking drops the highest ranks (their data
+    with them); the survivors keep their parameters and optimizer state. Growing adds workers
+    at the center with a fresh local optimizer. Worker i reads ``make_batch(case, i, t)``.
+    """
+
+    def __init__(self, case: Case, p: int, schedule):
+        super().__init__(case, p)
+        self.schedule = dict(schedule)
+
+    def step(self):
+        super().step()
+        p = self.schedule.get(self.steps)
+        if p is None or p == self.p:
+            return
+        if p < self.p:
+            del self.models[p:], self.opts[p:], self.losses[p:]
+        while len(self.models) < p:
+            model = copy.deepcopy(self.models[0])
+            with torch.no_grad():
+                for x, c in zip(model.parameters(), self.center):
+                    x.copy_(c)
+            self.models.append(model)
+            self.opts.append(build_optimizer(self.case, model.parameters()))
+            self.losses.append([])
+        self.set_world(p)
 
 
 def max_abs_diff(a: List[float], b: List[float]) -> float:

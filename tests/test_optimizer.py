@@ -41,6 +41,11 @@ MATCH_CASES = [
     Case(name="easgd-sgd-wd-late", method="easgd", opt="sgd", extra={"start_early": False}),
     Case(name="easgd-bn-buffers-late", method="easgd", opt="sgd", model="bn", buffers=True,
          seed=8, extra={"start_early": False}),
+    # synchronous SGD for the first steps, then EASGD with rounds tau steps after the switch
+    Case(name="eamsgd-warmup", method="easgd", opt="nesterov", tau=3, steps=11, seed=9,
+         extra={"warmup_steps": 4}),
+    Case(name="easgd-bn-warmup", method="easgd", opt="sgd", model="bn", buffers=True, tau=2,
+         steps=8, seed=10, extra={"warmup_steps": 3}),
 ]
 FP16_CASE = Case(name="easgd-fp16", method="easgd", opt="sgd", compression="fp16")
 RESUME_ITEMS = [
@@ -52,6 +57,8 @@ RESUME_ITEMS = [
                                                   master_momentum=0.5, tau=2, seed=13).to_dict()},
     {"kind": "resume", "save_at": 5, "case": Case(name="resume-running-avg", tau=2,
                                                   center_average="running", seed=14).to_dict()},
+    {"kind": "resume", "save_at": 3, "case": Case(name="resume-in-warmup", opt="nesterov",
+                                                  seed=15, extra={"warmup_steps": 5}).to_dict()},
 ]
 
 
@@ -176,19 +183,21 @@ def test_one_allreduce_per_round(sync_job, case):
     ranks = _ok(by_name[case.name], case.name)
     # Sync EASGD starts a round's allreduce when the step before its own ends (start_early),
     # unless start_early=False; the last step may start one more.
+    # A warm-up step averages the gradients (one allreduce each).
     early = case.method == "easgd" and case.extra.get("start_early", True)
-    want = [0] * case.steps
-    for t in range(case.tau, case.steps + 2, case.tau):
+    warmup = case.extra.get("warmup_steps", 0)
+    want = [1] * warmup + [0] * (case.steps - warmup)
+    for t in range(warmup + case.tau, case.steps + 2, case.tau):
         at = t - 1 if early and t > 1 else t
         if at <= case.steps:
             want[at - 1] += 1
-    rounds = case.steps // case.tau
+    rounds = (case.steps - warmup) // case.tau
     for r, res in enumerate(ranks):
         assert res["per_step"] == want, f"rank {r}: allreduces per step {res['per_step']}"
         assert res["sync_allreduces"] == 0
         s = res["stats"]
         assert res["counters"]["rounds"] == rounds
-        assert s["steps"] == case.steps and s["rounds"] == s["allreduce_calls"] == sum(want)
+        assert s["steps"] == case.steps and s["rounds"] == sum(want) - warmup
         assert s["stalls"] == rounds  # sync: every round waits
 
 
@@ -292,8 +301,9 @@ def test_state_dict_round_trip(sync_job, item):
     case = Case.from_dict(item["case"])
     for r, res in enumerate(_ok(by_name[name], name)):
         full, resumed = res["full"], res["resumed"]
+        warmup = case.extra.get("warmup_steps", 0)
         assert res["loaded_counters"] == res["saved_counters"] == {
-            "steps": item["save_at"], "rounds": item["save_at"] // case.tau}
+            "steps": item["save_at"], "rounds": max(0, item["save_at"] - warmup) // case.tau}
         assert resumed["params"] == full["params"], f"rank {r}: params differ after resuming"
         assert resumed["center"] == full["center"], f"rank {r}: center differs after resuming"
         assert resumed["counters"] == full["counters"]
@@ -436,14 +446,19 @@ def test_allreduce_counter_counts_each_call_once(hvd1):
 def test_alpha_beta_resolution(hvd1):
     import hvd_easgd
 
-    model, base = _model_opt()
-    opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(), alpha=0.3)
-    assert (opt.alpha, opt.beta) == pytest.approx((0.3, 0.3))
-    opt.close()
-    model, base = _model_opt()
-    opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(), beta=0.6)
-    assert (opt.alpha, opt.beta) == pytest.approx((0.6, 0.6))
-    opt.close()
+    from hvd_easgd.checks import resolve_coefficients
+
+    assert resolve_coefficients(0.3, None, 3) == pytest.approx((0.3, 0.9))
+    assert resolve_coefficients(None, 0.6, 2) == pytest.approx((0.3, 0.6))
+    # one worker (this process): whatever was asked, it is left alone and the center follows
+    for given in ({"alpha": 0.3}, {"beta": 0.6}):
+        model, base = _model_opt()
+        opt = hvd_easgd.ElasticOptimizer(base, named_parameters=model.named_parameters(),
+                                         **given)
+        assert (opt.alpha, opt.beta) == (0.0, 1.0)
+        opt.close()
+    with pytest.raises(ValueError, match="beta = p \\* alpha = 1.2 > 1"):
+        resolve_coefficients(0.4, None, 3)
 
 
 @pytest.mark.timeout(60)
@@ -554,3 +569,28 @@ def test_a_compressor_of_your_own_is_called_as_horovod_calls_it(hvd1):
     buffer = torch.arange(6, dtype=torch.float32)
     assert torch.equal(comm.wait(comm.start([buffer], 0))[0], buffer)
     assert calls == ["compress", "decompress"]
+
+
+# -------------------------------------------------------------------------------------------
+# One worker: plain SGD, the center following it
+# -------------------------------------------------------------------------------------------
+
+
+LONE_CASE = Case(name="lone", opt="nesterov", tau=3, steps=10, seed=41)
+
+
+@pytest.mark.timeout(300)
+def test_one_worker_trains_as_plain_sgd(tmp_path):
+    """Under `horovodrun -np 1` EASGD leaves the worker alone (bit for bit the local optimizer
+    by itself) and the center takes the worker's value at every round (alpha 0, beta 1)."""
+    [res] = run_workers("opt_lone.py", tmp_path, np=1, timeout=200,
+                        args=["--cases", json.dumps([LONE_CASE.to_dict()])])
+    ref = Reference(LONE_CASE, 1).run().result()
+    for mode in ("sync", "async"):
+        got = res[mode]
+        assert got["params"] == res["plain"], f"{mode}: the lone worker was pulled"
+        assert (got["alpha"], got["beta"]) == (0.0, 1.0)
+        assert got["rounds"] == 3
+        assert max_abs_diff(got["center"], ref["center"]) < TOL
+    # the center is the worker's value before the last round step (step 9)'s update
+    assert ref["center"] != res["plain"]

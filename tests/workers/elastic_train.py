@@ -119,6 +119,9 @@ def main():
                 nan_now = args.nan_step and (step == args.nan_step or
                                              (args.nan_persist and step > args.nan_step))
                 if host == args.victim_host and nan_now:
+                    marker = out / "nan_started"
+                    if not marker.exists():
+                        write_json_atomic(marker, time.time())
                     model[0].weight.grad.fill_(float("nan"))
                 optimizer.step()
                 state.train_sampler.record_batch(state.batch, args.batch_size)
