@@ -52,8 +52,13 @@ VARIANTS = {
 ACCURACY = re.compile(r"Accuracy: ([0-9.]+)%")
 
 
-def write_digits_as_mnist(root: Path, train_copies: int) -> None:
-    """scikit-learn's digits in MNIST's raw file format under ``root/MNIST/raw``."""
+def write_digits_as_mnist(root: Path, train_copies: int, test_size: int = 360) -> None:
+    """scikit-learn's digits in MNIST's raw file format under ``root/MNIST/raw``.
+
+    ``test_size`` images (a fixed permutation, seed 0) form the test set; the other
+    ``1797 - test_size`` are the training set, ``train_copies`` times (copies after the first
+    shifted by up to 2 pixels). ``test_size=297, train_copies=1``: 1500 training images.
+    """
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -63,7 +68,7 @@ def write_digits_as_mnist(root: Path, train_copies: int) -> None:
     images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).view(-1, 28, 28).numpy()
     order = np.random.default_rng(0).permutation(len(y))
-    test, train = order[:360], order[360:]
+    test, train = order[:test_size], order[test_size:]
     rng = np.random.default_rng(1)
     copies = [images[train]]
     for _ in range(train_copies - 1):
