@@ -403,6 +403,8 @@ class Chaos:
         with self.lock:
             if self.next < len(self.faults):
                 f = self.faults[self.next]
+                if f.action == "kill" and f.fired is not None and not f.pids:
+                    return f"{f.label}: found no worker of a host started as rank 1 to kill"
                 if f.fired is not None and now - f.fired > self.event_timeout:
                     what = "training steps resumed" if f.action == "kill" else "2 workers training"
                     return (f"{f.label}: no sign of {what} {self.event_timeout:g} s after it "
