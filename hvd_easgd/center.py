@@ -315,16 +315,16 @@ def warn_if_saved_elsewhere(easgd: Dict[str, Any], world_size: int, method: str,
         )
 
 
-def adopt_warmup(easgd: Dict[str, Any], warmup_steps: int) -> int:
-    """The warm-up's switch point a resumed run keeps: the one it was saved with (a run
+def adopt_sync_sgd_steps(easgd: Dict[str, Any], sync_sgd_steps: int) -> int:
+    """The switch point from synchronous SGD to EASGD that a resumed run keeps: the one it was saved with (a run
     switches to EASGD once, at the step it planned), with a warning if this job asked for
-    another. State dicts saved before the warm-up existed keep ``warmup_steps``."""
-    saved = easgd.get("warmup_steps")
-    if saved is None or int(saved) == warmup_steps:
-        return warmup_steps
+    another. State dicts saved before the switch point existed keep ``sync_sgd_steps``."""
+    saved = easgd.get("sync_sgd_steps")
+    if saved is None or int(saved) == sync_sgd_steps:
+        return sync_sgd_steps
     warnings.warn(
-        f"the state dict was saved with warmup_steps={saved} and this optimizer has "
-        f"warmup_steps={warmup_steps}: keeping the saved switch point, {saved}",
+        f"the state dict was saved with sync_sgd_steps={saved} and this optimizer has "
+        f"sync_sgd_steps={sync_sgd_steps}: keeping the saved switch point, {saved}",
         stacklevel=3,
     )
     return int(saved)

@@ -62,10 +62,10 @@ def resolve_coefficients(
     return (0.0, 1.0) if world_size == 1 else (beta / world_size, beta)
 
 
-def check_warmup(steps: Any) -> int:
+def check_sync_sgd_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(
-            f"warmup_steps must be an integer >= 0 (synchronous-SGD steps before EASGD "
+            f"sync_sgd_steps must be an integer >= 0 (synchronous-SGD steps before EASGD "
             f"starts; 0 for none), got {steps!r}"
         )
     return int(steps)

@@ -98,7 +98,9 @@ class OptimizerConfig:
     outer_lr: float = 0.7  # diloco: learning rate of the outer Nesterov SGD that moves the center
     outer_momentum: float = 0.9  # diloco: its momentum
     hierarchy: Optional[str] = None  # null | host | explicit groups of ranks, "0,1;2,3": sync SGD inside a group, EASGD between groups
-    nonfinite_patience: int = 3  # consecutive rounds (optimizer) / steps (training loss) with NaN/inf before stopping
+    nonfinite_patience: int = 3  # bad rounds among the last 2x (optimizer) / steps in a row (training loss) with NaN/inf before stopping
+    sync_sgd_steps: int = 0  # elastic methods: synchronous SGD (gradients averaged) for this many steps first, then EASGD
+    survivors: str = "own"  # elastic jobs: what survivors of a membership change train on: own | center
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -370,7 +372,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 #: numeric keys: "> 0" (positive), ">= 0" (non-negative), "... or null" (may be unset)
 _NUMBER_RULES = {
     "optimizer.lr": "> 0", "optimizer.tau": "> 0", "optimizer.alpha": "> 0 or null",
-    "optimizer.weight_decay": ">= 0", "optimizer.momentum": ">= 0",
+    "optimizer.weight_decay": ">= 0", "optimizer.momentum": ">= 0", "optimizer.sync_sgd_steps": ">= 0",
     "optimizer.schedule.warmup_epochs": ">= 0",
     "train.batch_size": "> 0", "train.eval_batch_size": "> 0", "train.epochs": "> 0",
     "train.max_steps": "> 0 or null", "train.max_time": "> 0 or null",
@@ -415,6 +417,13 @@ def validate(cfg: DictConfig) -> None:
             "optimizer.outer_momentum instead (optimizer.beta is ignored)"
         )
     parse_hierarchy(cfg.optimizer.hierarchy)
+    choice("optimizer.survivors", cfg.optimizer.survivors, ("own", "center"))
+    if cfg.elastic.enabled and cfg.optimizer.hierarchy is not None:
+        raise ConfigError(
+            "optimizer.hierarchy cannot be used with elastic.enabled=true: Horovod Elastic "
+            "changes the workers, and the hierarchy's groups and process sets would no longer "
+            "match them. Use flat EASGD for elastic jobs (--set optimizer.hierarchy=null), or "
+            "keep the hierarchy and launch without elastic (launch/run_multinode.sh)")
     if cfg.optimizer.outer_lr <= 0 or not 0 <= cfg.optimizer.outer_momentum < 1:
         raise ConfigError("'optimizer.outer_lr' must be > 0 and 'optimizer.outer_momentum' in [0, 1)")
     choice("optimizer.compression", cfg.optimizer.compression, COMPRESSIONS)

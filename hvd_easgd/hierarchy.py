@@ -154,8 +154,11 @@ def resolve(hierarchy: Any, process_set: Any, elastic: bool) -> Optional[Topolog
     if hierarchy is None and (process_set is None or process_set is hvd.global_process_set):
         return None
     if elastic:
-        raise ValueError("hierarchy= and process_set= are not supported under Horovod Elastic "
-                         "(the groups would change with the workers); drop them for elastic jobs")
+        raise ValueError(
+            "hierarchy= and process_set= cannot be used under Horovod Elastic: it changes the "
+            "workers, and the groups and process sets would no longer match them. Use flat "
+            "EASGD for elastic jobs (drop hierarchy=/process_set=; every worker is then one "
+            "EASGD peer), or keep the hierarchy and launch without --min-np/--max-np")
     if hierarchy is not None and process_set is not None:
         raise ValueError("give hierarchy= (groups of workers) or process_set= (EASGD among a "
                          "set's members), not both")

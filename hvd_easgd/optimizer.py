@@ -29,11 +29,11 @@ import torch
 
 from hvd_easgd import recovery
 from hvd_easgd.center import (
-    CenterState, Counters, adopt_warmup, pack_state_dict, split_state_dict, unpack_state_dict,
+    CenterState, Counters, adopt_sync_sgd_steps, pack_state_dict, split_state_dict, unpack_state_dict,
     warn_if_saved_elsewhere,
 )
 from hvd_easgd.checks import (
-    DEFAULT_BETA, check_options, check_patience, check_tau, check_warmup, float_buffers,
+    DEFAULT_BETA, check_options, check_patience, check_tau, check_sync_sgd_steps, float_buffers,
     name_parameters,
     resolve_coefficients, signature,
 )
@@ -118,7 +118,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         check_consistency: check that every worker has the same parameter names, shapes,
             dtypes and EASGD settings (one small allgather at construction, or at the first
             Horovod Elastic sync).
-        warmup_steps: train with synchronous SGD for this many steps first (gradients averaged
+        sync_sgd_steps: train with synchronous SGD for this many steps first (gradients averaged
             over the workers every step, exactly as ``hvd.DistributedOptimizer``; the center
             follows the identical workers), then with EASGD, the first round ``tau`` steps
             after the switch. Like torch's post-local SGD (``start_localSGD_iter``): early
@@ -157,7 +157,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         hierarchy: Any = None,
         process_set: Any = None,
         start_early: bool = True,
-        warmup_steps: int = 0,
+        sync_sgd_steps: int = 0,
         survivors: str = "own",
     ) -> None:
         check_outer_options(method, outer_optimizer, alpha, beta)
@@ -174,7 +174,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.nonfinite_patience = check_patience(nonfinite_patience)
         self.check_consistency = bool(check_consistency)
         self.start_early = bool(start_early)
-        self.warmup_steps = check_warmup(warmup_steps)
+        self.sync_sgd_steps = check_sync_sgd_steps(sync_sgd_steps)
         self.survivors = recovery.check_survivors(survivors)
 
         named = name_parameters(optimizer, named_parameters)
@@ -233,7 +233,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             "nonfinite_patience": self.nonfinite_patience,
             "outer_optimizer": describe(self.outer_optimizer),
             "hierarchy": None if self.topology is None else self.topology.describe(),
-            "warmup_steps": self.warmup_steps, "survivors": self.survivors,
+            "sync_sgd_steps": self.sync_sgd_steps, "survivors": self.survivors,
         }
 
     def signature(self) -> tuple:
@@ -280,21 +280,21 @@ class ElasticOptimizer(torch.optim.Optimizer):
         return self.counters.round
 
     @property
-    def in_warmup(self) -> bool:
-        """Whether the next :meth:`step` is a synchronous-SGD warm-up step."""
-        return self.counters.step < self.warmup_steps
+    def in_sync_sgd(self) -> bool:
+        """Whether the next :meth:`step` is a synchronous-SGD step (EASGD has not started yet)."""
+        return self.counters.step < self.sync_sgd_steps
 
     def round_due(self, step: int) -> bool:
         """Whether step number ``step`` (1-based) ends with a round: every ``tau`` steps,
-        counted from the end of the warm-up."""
-        return step > self.warmup_steps and (step - self.warmup_steps) % self.tau == 0
+        counted from the end of the synchronous-SGD steps."""
+        return step > self.sync_sgd_steps and (step - self.sync_sgd_steps) % self.tau == 0
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One local optimizer step; at every ``tau``-th step, also a communication round."""
         self._raise_if_failed()
         recovery.follow_world(self)
-        if self.in_warmup:
-            return self._warmup_step(closure)
+        if self.in_sync_sgd:
+            return self._sync_sgd_step(closure)
         if self.topology is not None and self.topology.group_set is not None:
             if closure is not None:
                 raise ValueError("step(closure) with hierarchy=: compute the gradients before "
@@ -311,7 +311,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self.rounds.start_early()
         return loss
 
-    def _warmup_step(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
+    def _sync_sgd_step(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
         """Synchronous SGD: average the gradients over the peers, step, and keep the center at
         the (identical) workers, so that EASGD starts from them at the switch."""
         loss = None
@@ -319,7 +319,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.stats.cross_group_bytes += average_gradients(
-            self._params(), f"{self.communicator.name}.warmup", self.topology_peers())
+            self._params(), f"{self.communicator.name}.sync_sgd", self.topology_peers())
         self.counters.step += 1
         self.stats.steps += 1
         self.optimizer.step()
@@ -406,7 +406,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.synchronize()
         settings = {"method": self.method, "mode": self.mode, "tau": self.tau,
                     "alpha": self.alpha, "beta": self.beta, "world_size": self.world[0],
-                    "warmup_steps": self.warmup_steps}
+                    "sync_sgd_steps": self.sync_sgd_steps}
         sd = pack_state_dict(self.optimizer.state_dict(), self.buffers, self._params(),
                              self.counters, settings)
         if self.outer_optimizer is not None:
@@ -437,7 +437,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
             self.counters = Counters()
             return
         self.counters = unpack_state_dict(self.buffers, params, ours, easgd)
-        self.warmup_steps = adopt_warmup(easgd, self.warmup_steps)
+        self.sync_sgd_steps = adopt_sync_sgd_steps(easgd, self.sync_sgd_steps)
         if self.outer_optimizer is not None and easgd.get("outer") is not None:
             self.outer_optimizer.load_state_dict(easgd["outer"])
         warn_if_saved_elsewhere(easgd, self.world[0], self.method, self.alpha)

@@ -182,11 +182,11 @@ def sync_workers(opt: "ElasticOptimizer", committed: Optional[Commit] = None) ->
     """Bring every worker to one agreed state after ``hvd.elastic`` (re)started the job.
 
     Collective: every worker calls it (from ``TorchState.sync``). Every worker takes the
-    center, counters and warm-up switch point of the lowest-ranked survivor (a worker that has
+    center, counters and switch point to EASGD of the lowest-ranked survivor (a worker that has
     trained in this job before). A joiner starts from that center with a fresh local optimizer;
     a survivor keeps its local optimizer state and, with ``survivors="own"``, the parameters
     of its last commit, ``committed`` (Horovod's model handler has just overwritten them with
-    rank 0's). During a warm-up every worker starts from the center: synchronous SGD needs
+    rank 0's). Before the switch to EASGD every worker starts from the center: synchronous SGD needs
     them equal.
     """
     opt.rounds.reset()
@@ -197,12 +197,12 @@ def sync_workers(opt: "ElasticOptimizer", committed: Optional[Commit] = None) ->
     if opt.check_consistency:
         check_signatures([sig for _, sig in everyone])
     root = next((r for r, (alive, _) in enumerate(everyone) if alive), 0)
-    if opt.in_warmup:
+    if opt.in_sync_sgd:
         opt.buffers.reset_from_live()  # synchronous SGD: the center is the workers' value
     for index, tensor in enumerate(opt.buffers.tensors()):
         hvd.broadcast_(tensor, root_rank=root, name=f"{opt.communicator.name}.sync.{index}")
-    step, rounds, opt.warmup_steps = hvd.broadcast_object(
-        (opt.counters.step, opt.counters.round, opt.warmup_steps), root_rank=root,
+    step, rounds, opt.sync_sgd_steps = hvd.broadcast_object(
+        (opt.counters.step, opt.counters.round, opt.sync_sgd_steps), root_rank=root,
         name=f"{opt.communicator.name}.sync.counters",
     )
     if opt.buffers.outer is not None:  # the outer optimizer's momentum is part of the center
@@ -210,7 +210,7 @@ def sync_workers(opt: "ElasticOptimizer", committed: Optional[Commit] = None) ->
         outer.load_state_dict(hvd.broadcast_object(
             outer.state_dict(), root_rank=root, name=f"{opt.communicator.name}.sync.outer"))
     opt.counters = Counters(step=int(step), round=int(rounds))
-    if survivor and opt.survivors == "own" and not opt.in_warmup and committed is not None:
+    if survivor and opt.survivors == "own" and not opt.in_sync_sgd and committed is not None:
         restore_live(opt.buffers, committed)
     else:
         opt.buffers.live_from_center()

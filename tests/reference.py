@@ -5,7 +5,7 @@ own deterministic data, plus one center. Nothing here imports ``hvd_easgd``: the
 real multi-process wrapper against this file.
 
 The semantics implemented (steps are counted from 1, a round happens at steps tau, 2*tau, ...,
-counted from the end of the warm-up when Case.extra["warmup_steps"] = W > 0):
+counted from the end of the warm-up when Case.extra["sync_sgd_steps"] = W > 0):
 
 warm-up (steps 1..W): every worker's gradient on its own batch; the gradients are averaged over
     the workers and every worker takes the same local step (synchronous SGD); c <- x.
@@ -188,7 +188,7 @@ class Reference:
 
     @property
     def warmup(self) -> int:
-        return int(self.case.extra.get("warmup_steps", 0))
+        return int(self.case.extra.get("sync_sgd_steps", 0))
 
     def is_round(self, t: int) -> bool:
         return t > self.warmup and (t - self.warmup) % self.case.tau == 0
@@ -250,7 +250,7 @@ class Reference:
         """Worker i's gradient for step t (HierReference: its group's average)."""
         return local_backward(self.models[i], self.opts[i], self.case, i, t)
 
-    def _warmup_step(self, t: int) -> None:
+    def _sync_sgd_step(self, t: int) -> None:
         grads = []
         for i in range(self.p):
             self.losses[i].append(self._backward(i, t))
@@ -268,7 +268,7 @@ class Reference:
         self.steps += 1
         t = self.steps
         if t <= self.warmup:
-            return self._warmup_step(t)
+            return self._sync_sgd_step(t)
         is_round = self.is_round(t)
         sent_buffers = self._float_buffers() if self._buffers_sent_early(t) else None
         ys = []

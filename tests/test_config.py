@@ -256,3 +256,32 @@ def test_start_early_reaches_the_optimizer(tmp_path, value):
         assert kind == "elastic" and opt.start_early is (value is None)
     finally:
         opt.close()
+
+
+def test_elastic_with_hierarchy_is_refused_before_launch(tmp_path):
+    recipe = write(tmp_path / "r.yaml", MINIMAL + "  hierarchy: host\n")
+    load_config(recipe)  # fine without elastic
+    with pytest.raises(ConfigError, match=r"optimizer\.hierarchy=null.*run_multinode\.sh"):
+        load_config(recipe, ["elastic.enabled=true"])
+
+
+def test_sync_sgd_steps_and_survivors_reach_the_optimizer(tmp_path):
+    import horovod.torch as hvd
+
+    from hvd_easgd.models import build_model
+    from hvd_easgd.train import build_optimizer
+
+    recipe = write(tmp_path / "r.yaml", MINIMAL)
+    cfg = load_config(recipe)
+    assert (cfg.optimizer.sync_sgd_steps, cfg.optimizer.survivors) == (0, "own")
+    with pytest.raises(ConfigError, match="optimizer.survivors"):
+        load_config(recipe, ["optimizer.survivors=everyone"])
+    with pytest.raises(ConfigError, match="optimizer.sync_sgd_steps"):
+        load_config(recipe, ["optimizer.sync_sgd_steps=-1"])
+    hvd.init()
+    cfg = load_config(recipe, ["optimizer.sync_sgd_steps=5", "optimizer.survivors=center"])
+    opt, kind = build_optimizer(cfg, build_model("digits_net", 10, in_channels=1), 1, 0)
+    try:
+        assert kind == "elastic" and (opt.sync_sgd_steps, opt.survivors) == (5, "center")
+    finally:
+        opt.close()

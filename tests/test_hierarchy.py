@@ -196,3 +196,20 @@ def test_trainer_runs_the_hierarchy_recipe_on_two_hosts(tmp_path):
     # Each worker sends half of every round across hosts (flat EASGD would send all of it).
     assert rounds >= 1 and 2 * last["comm/cross_group_bytes"] == rounds * param_bytes, last
     assert (run_dir / "center.pt").exists()
+
+
+def test_hierarchy_under_horovod_elastic_says_what_to_use(monkeypatch):
+    """Under an elastic launch, hierarchy= fails at construction, before any collective, and
+    names the two ways out."""
+    import horovod.torch as hvd
+    import torch
+
+    import hvd_easgd
+
+    hvd.init()
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1")
+    model = torch.nn.Linear(3, 2)
+    for kw in ({"hierarchy": "host"}, {"hierarchy": [[0]]}):
+        with pytest.raises(ValueError, match="Use flat EASGD for elastic jobs.*--min-np"):
+            hvd_easgd.ElasticOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       model.named_parameters(), **kw)

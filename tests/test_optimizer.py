@@ -43,9 +43,9 @@ MATCH_CASES = [
          seed=8, extra={"start_early": False}),
     # synchronous SGD for the first steps, then EASGD with rounds tau steps after the switch
     Case(name="eamsgd-warmup", method="easgd", opt="nesterov", tau=3, steps=11, seed=9,
-         extra={"warmup_steps": 4}),
+         extra={"sync_sgd_steps": 4}),
     Case(name="easgd-bn-warmup", method="easgd", opt="sgd", model="bn", buffers=True, tau=2,
-         steps=8, seed=10, extra={"warmup_steps": 3}),
+         steps=8, seed=10, extra={"sync_sgd_steps": 3}),
 ]
 FP16_CASE = Case(name="easgd-fp16", method="easgd", opt="sgd", compression="fp16")
 RESUME_ITEMS = [
@@ -58,7 +58,7 @@ RESUME_ITEMS = [
     {"kind": "resume", "save_at": 5, "case": Case(name="resume-running-avg", tau=2,
                                                   center_average="running", seed=14).to_dict()},
     {"kind": "resume", "save_at": 3, "case": Case(name="resume-in-warmup", opt="nesterov",
-                                                  seed=15, extra={"warmup_steps": 5}).to_dict()},
+                                                  seed=15, extra={"sync_sgd_steps": 5}).to_dict()},
 ]
 
 
@@ -185,7 +185,7 @@ def test_one_allreduce_per_round(sync_job, case):
     # unless start_early=False; the last step may start one more.
     # A warm-up step averages the gradients (one allreduce each).
     early = case.method == "easgd" and case.extra.get("start_early", True)
-    warmup = case.extra.get("warmup_steps", 0)
+    warmup = case.extra.get("sync_sgd_steps", 0)
     want = [1] * warmup + [0] * (case.steps - warmup)
     for t in range(warmup + case.tau, case.steps + 2, case.tau):
         at = t - 1 if early and t > 1 else t
@@ -301,7 +301,7 @@ def test_state_dict_round_trip(sync_job, item):
     case = Case.from_dict(item["case"])
     for r, res in enumerate(_ok(by_name[name], name)):
         full, resumed = res["full"], res["resumed"]
-        warmup = case.extra.get("warmup_steps", 0)
+        warmup = case.extra.get("sync_sgd_steps", 0)
         assert res["loaded_counters"] == res["saved_counters"] == {
             "steps": item["save_at"], "rounds": max(0, item["save_at"] - warmup) // case.tau}
         assert resumed["params"] == full["params"], f"rank {r}: params differ after resuming"
@@ -594,3 +594,28 @@ def test_one_worker_trains_as_plain_sgd(tmp_path):
         assert max_abs_diff(got["center"], ref["center"]) < TOL
     # the center is the worker's value before the last round step (step 9)'s update
     assert ref["center"] != res["plain"]
+
+
+@pytest.mark.timeout(60)
+def test_switch_point_travels_in_the_state_dict(hvd1):
+    """A run resumed from a state dict switches to EASGD at the step it was saved with."""
+    import hvd_easgd
+
+    model, base = _model_opt()
+    opt = hvd_easgd.ElasticOptimizer(base, model.named_parameters(), tau=2, sync_sgd_steps=6)
+    sd = opt.state_dict()
+    assert sd["easgd"]["sync_sgd_steps"] == 6
+    opt.close()
+    model, base = _model_opt()
+    other = hvd_easgd.ElasticOptimizer(base, model.named_parameters(), tau=2, sync_sgd_steps=2)
+    with pytest.warns(UserWarning, match="keeping the saved switch point, 6"):
+        other.load_state_dict(sd)
+    assert other.sync_sgd_steps == 6 and other.in_sync_sgd
+    assert [other.round_due(t) for t in range(1, 11)] == [False] * 7 + [True, False, True]
+    other.close()
+    with pytest.raises(ValueError, match="sync_sgd_steps must be an integer >= 0"):
+        hvd_easgd.ElasticOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   model.named_parameters(), sync_sgd_steps=-1)
+    with pytest.raises(ValueError, match="survivors must be one of 'own', 'center'"):
+        hvd_easgd.ElasticOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   model.named_parameters(), survivors="all")

@@ -1,8 +1,9 @@
 """Worker for the 2 -> 1 -> 2 test: tests/reference.py's problem under Horovod Elastic.
 
 Run under an elastic horovodrun whose discovery script reads ``--hosts-file`` (first
-``localhost:1`` and ``127.0.0.1:1``). After step ``--shrink-after`` rank 0 removes
-``127.0.0.1`` from the hosts file, after ``--grow-after`` it adds it back. At both points
+``localhost:1`` and ``127.0.0.1:1``; Horovod picks either as rank 0). After step
+``--shrink-after`` rank 0 leaves only its own host in the hosts file, after ``--grow-after`` it
+lists both again. At both points
 every worker commits and then polls ``state.check_host_updates()`` until Horovod raises its
 ``HostsUpdatedInterrupt``, so the membership changes exactly after those steps whatever the
 machine's speed. The optimizer is ``hvd_easgd.ElasticOptimizer`` with its defaults for
@@ -79,7 +80,7 @@ def main():
             trace.append([t, hvd.size(), hvd.rank()])
             state.commit()
             if t == args.shrink_after and hvd.size() == 2:
-                change_hosts(state, args.hosts_file, "localhost:1\n")
+                change_hosts(state, args.hosts_file, f"{os.environ['HOROVOD_HOSTNAME']}:1\n")
             if t == args.grow_after and hvd.size() == 1:
                 change_hosts(state, args.hosts_file, BOTH)
 
