@@ -9,6 +9,11 @@ step/total, epoch, loss, learning rate, samples/s, elapsed time and ETA. Numbers
 for reading (errors in percent with two decimals, losses to four significant digits, times in
 h:mm:ss); full precision stays in ``metrics.jsonl`` and TensorBoard. Everything rank 0 prints
 here also goes to ``RUN_DIR/train.log``. Other ranks print nothing.
+
+Under Horovod Elastic the process that is rank 0 can change at a reset, while horovodrun keeps
+labelling a process's lines with the rank it was started with (``[1]<stderr>:``); the console
+then names the rank it prints for (``[hvd-easgd rank 0]``, ``label``), and its elapsed time
+counts from the job's start (``started``), not from the reset that reopened it.
 """
 
 from __future__ import annotations
@@ -56,17 +61,22 @@ class Console:
 
     ``quiet``: no progress or evaluation lines, only warnings, the summary and errors.
     ``every``: seconds between progress lines when stderr is not a terminal.
+    ``started`` (``time.time()``, default now) and ``initial_step``: where the elapsed time and
+    the ETA count from. ``label``: said after the prefix of every line (``[hvd-easgd LABEL]``).
     """
 
     def __init__(self, run_dir: Path, *, active: bool, total_steps: int, initial_step: int,
                  every: float, quiet: bool, bar: bool, name: str,
-                 stream: Optional[TextIO] = None) -> None:
+                 stream: Optional[TextIO] = None, started: Optional[float] = None,
+                 label: str = "") -> None:
         self.active, self.quiet, self.every = active, quiet, float(every)
         self.total, self.name = total_steps, name
+        self.prefix = f"{PREFIX[:-1]} {label}]" if label else PREFIX
         self.stream = stream or sys.stderr
         self._log = open(Path(run_dir) / LOG_FILE, "a", encoding="utf-8") if active else None
         self._bar = None
-        self._started, self._start_step = time.monotonic(), initial_step
+        self._started = time.time() if started is None else float(started)
+        self._start_step = initial_step
         self._last_line = time.monotonic()
         self._shown = None
         if active:  # warnings on rank 0 (non-finite rounds, resume notes) go to train.log too
@@ -83,7 +93,7 @@ class Console:
         """One complete line (``always``: even when quiet)."""
         if not self.active:
             return
-        line = f"{PREFIX} {text}"
+        line = f"{self.prefix} {text}"
         if self._log is not None:
             self._log.write(line + "\n")
             self._log.flush()
@@ -111,7 +121,7 @@ class Console:
             return
         self._last_line = now
         done = step - self._start_step
-        elapsed = now - self._started
+        elapsed = max(0.0, time.time() - self._started)
         eta = elapsed / done * (self.total - step) if done > 0 else None
         rate = metrics.get("samples_per_sec")
         self.say(
@@ -131,7 +141,7 @@ class Console:
 
     def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         if self._log is not None:
-            self._log.write(f"{PREFIX} {category.__name__}: {message}\n")
+            self._log.write(f"{self.prefix} {category.__name__}: {message}\n")
             self._log.flush()
         assert self._shown is not None
         self._shown(message, category, filename, lineno, file, line)

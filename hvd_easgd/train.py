@@ -31,7 +31,9 @@ counters and the resolved config. `--resume` (run(..., resume=True)) continues f
 checkpoint that loads; every worker reads it itself when it sees the same file (shared file system)
 and otherwise gets rank 0's copy (set HVD_EASGD_RESUME_BROADCAST=1 to always do that). With another
 number of workers than the checkpoint's, every worker restarts from the center with a fresh local
-optimizer and RNG streams, at the same fraction of the epoch (a warning says so).
+optimizer and RNG streams, at the same fraction of the epoch (a warning says so). Under an elastic
+launch (`elastic.enabled`) the same decisions (`open_run`) are made in the job's first elastic
+sync instead, so that nothing collective runs before `hvd.elastic.run` (hvd_easgd/trainer.py).
 
 Exact resume: a resumed run reproduces the uninterrupted run bit for bit (same hardware, same number
 of workers, `data.num_workers: 0`) because the checkpoint holds each worker's parameters, optimizer
@@ -171,7 +173,12 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression)
         # Only the parameters: the optimizer state is empty everywhere (and Horovod's
         # broadcast_optimizer_state would take a spurious zero-gradient step to create it).
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # Under an elastic launch the first elastic sync broadcasts them (a collective here
+        # would deadlock a worker that joins against the others' sync).
+        from hvd_easgd.recovery import elastic_launch
+
+        if not elastic_launch():
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         return opt, "sync"
 
     import hvd_easgd
@@ -180,7 +187,8 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, world_size: int, rank: in
     kwargs: Dict[str, Any] = dict(
         named_parameters=model.named_parameters(), tau=int(o.tau), method=wrapper_method,
         mode=o.mode, compression=compression, nonfinite_patience=int(o.nonfinite_patience),
-        start_early=bool(o.start_early),
+        start_early=bool(o.start_early), sync_sgd_steps=int(o.sync_sgd_steps),
+        survivors=str(o.survivors),
     )
     if wrapper_method == "diloco":
         from hvd_easgd.outer import nesterov as outer_nesterov
@@ -304,6 +312,27 @@ def _fresh_default_run_dir(base: Path, resume: bool, rank: int) -> Path:
     return choice
 
 
+def open_run(cfg: DictConfig, run_dir: Optional[Union[str, os.PathLike]], resume: bool,
+             rank: int) -> tuple:
+    """(run directory, checkpoint payload or None): the same on every worker.
+
+    A collective: rank 0 decides and tells the others. Outside an elastic launch `run` calls
+    it before building the Trainer; under one, the job's first elastic sync calls it (a worker
+    that joins later takes both from the workers already training), so that no collective
+    runs outside Horovod's sync. Sets ``cfg.run_dir``."""
+    if run_dir is None and not cfg.run_dir:
+        run_dir = _fresh_default_run_dir(Path("runs") / (cfg.name or "run"), resume, rank)
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    cfg.run_dir = str(run_dir)
+    state = _find_resume(run_dir, resume, rank)
+    if state is not None:
+        old = config_from_dict(state["config"], source=f"config in checkpoint {state['step']}")
+        changed = [k for k in diff_configs(old, cfg) if k not in ("run_dir",)]
+        if changed:
+            _warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}", rank)
+    return run_dir, state
+
+
 def _find_resume(run_dir: Path, resume: bool, rank: int) -> Optional[dict]:
     """Rank 0 picks the checkpoint and tells everyone (or raises the same error everywhere)."""
     decision: Dict[str, Any] = {}
@@ -420,25 +449,16 @@ def run(
     rank, size = hvd.rank(), hvd.size()
     for note in filter(None, notes):
         _warn(note, rank)
-    name = cfg.name or "run"
-    if run_dir is None and not cfg.run_dir:
-        run_dir = _fresh_default_run_dir(Path("runs") / name, resume, rank)
-    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
-    cfg.run_dir = str(run_dir)
     _check_world(cfg, size, rank)
-    state = _find_resume(run_dir, resume, rank)
-    if state is not None:
-        old = config_from_dict(state["config"], source=f"config in checkpoint {state['step']}")
-        changed = [k for k in diff_configs(old, cfg) if k not in ("run_dir",)]
-        if changed:
-            _warn(f"resuming with a config that differs from the checkpoint's in: {', '.join(changed)}", rank)
+    from hvd_easgd.recovery import elastic_launch
+
+    if cfg.elastic.enabled and elastic_launch():  # decided in the first elastic sync
+        return Trainer(cfg, None, None, stop_at_step=stop_at_step, on_step=on_step,
+                       elastic_start=(run_dir, resume)).run()
+    run_dir, state = open_run(cfg, run_dir, resume, rank)
     trainer = Trainer(cfg, run_dir, state, stop_at_step=stop_at_step, on_step=on_step)
     state = None  # free the memory
-    o = cfg.optimizer
-    trainer.console.say(
-        f"{name}: method {o.method} ({o.mode}, tau {o.tau}), {size} worker(s), "
-        f"{trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch "
-        f"{cfg.train.batch_size}/worker on {trainer.device}; run dir {run_dir}", always=True)
+    trainer.announce()
     return trainer.run()
 
 

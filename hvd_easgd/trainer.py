@@ -17,6 +17,10 @@ state to Horovod's model and optimizer state: a lost worker rolls every survivor
 last commit; after every reset the loop state comes from the lowest-ranked survivor, the data
 are re-sharded over the new workers from the same position in the epoch, and rank 0's outputs
 (metrics, TensorBoard, checkpoints) continue from that step, whichever process is rank 0 now.
+Nothing collective runs before ``hvd.elastic.run`` (a worker that joins would wait there while
+the others wait in their sync): the job's first sync picks the run directory and the checkpoint
+to resume from (:func:`start_job`), and a worker that joins later takes them, with the loop
+state, from the workers already training. The console says which hosts left or joined.
 """
 
 from __future__ import annotations
@@ -87,16 +91,26 @@ class LossMeter:
 
 
 class Trainer:
-    """One training run on this worker; see the module docstring."""
+    """One training run on this worker; see the module docstring.
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_state: Optional[dict], *,
+    ``elastic_start=(run_dir or None, resume)``: an elastic job, whose run directory and
+    checkpoint the first elastic sync decides (``run_dir`` and ``resume_state`` are then None);
+    until then the outputs are closed on every rank."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Optional[Path], resume_state: Optional[dict], *,
                  stop_at_step: Optional[int] = None,
-                 on_step: Optional[Callable[[int], None]] = None) -> None:
+                 on_step: Optional[Callable[[int], None]] = None,
+                 elastic_start: Optional[tuple] = None) -> None:
+        import time
+
         import horovod.torch as hvd
 
         from hvd_easgd import train as T
 
-        self.cfg, self.run_dir, self.T = cfg, run_dir, T
+        self.elastic_start = elastic_start
+        if run_dir is None:  # not decided yet: a placeholder no output is written to
+            run_dir = Path(elastic_start[0] if elastic_start and elastic_start[0] else cfg.run_dir or "runs")
+        self.cfg, self.run_dir, self.T = cfg, Path(run_dir), T
         self.method = cfg.optimizer.method
         self.solo = self.method in SINGLE_WORKER_METHODS
         self.stop_at_step, self.on_step = stop_at_step, on_step
@@ -118,6 +132,7 @@ class Trainer:
         self.elastic_state: Any = None  # the TrainerState, under hvd.elastic
         self.stats_base: Dict[str, float] = {}
         self.origin: Optional[float] = None
+        self.hosts: list = []  # the host of each rank, once an elastic sync has gathered them
         if resume_state is not None:
             self.restore_from_checkpoint(resume_state)
         else:
@@ -126,7 +141,11 @@ class Trainer:
         self.plan_total_steps()
         self.clock = Stopwatch(self.loop.wall_time)
         self.summary: Dict[str, Any] = {}
-        self.open_outputs(resume_step=self.loop.step if self.resumed else None)
+        #: what the whole job shares, whichever process is rank 0: the console's start
+        self.job: Optional[Dict[str, Any]] = None if elastic_start else {
+            "started": time.time(), "start_step": self.loop.step}
+        self.open_outputs(resume_step=self.loop.step if self.resumed else None,
+                          active=self.rank == 0 and not elastic_start)
         if self.resume_note:
             self.console.say(self.resume_note, always=True)
         self.last = {"step": self.loop.step, "wall": self.clock(), "stats": self.comm_stats()}
@@ -185,6 +204,21 @@ class Trainer:
         self.resume_note = (f"resumed from step {loop.step} (epoch {loop.epoch}, "
                             f"{loop.epoch_samples} samples into it) in {self.run_dir}")
 
+    def restart_from_center(self, state: dict) -> None:
+        """Every worker starts from the checkpoint's center with a fresh local optimizer: a
+        resume under Horovod Elastic with another number of workers than the checkpoint's.
+        Needs the elastic optimizer synced (called from the first elastic sync)."""
+        self.T._warn(f"resuming a run of {state['world_size']} workers with {self.size}: every "
+                     f"worker restarts from the center with a fresh local optimizer", self.rank)
+        self.model.load_state_dict(state["center"])
+        if self.kind == "elastic":
+            import warnings
+
+            with warnings.catch_warnings():  # "saved with N workers": said just above
+                warnings.simplefilter("ignore")
+                self.opt.load_state_dict(state["workers"][0]["optimizer"])  # center, counters
+            self.opt.optimizer.state.clear()
+
     def set_position(self, epoch_samples: int, old_world: int) -> None:
         """Continue the epoch where ``old_world`` workers left it, in this world's shards.
 
@@ -195,18 +229,32 @@ class Trainer:
         self.loop.epoch_samples = min(self.shard, consumed // batch * batch)
         self.loop.world_size = self.size
 
-    def open_outputs(self, resume_step: Optional[int]) -> None:
-        """Rank 0's metrics.jsonl, TensorBoard writer and console; a no-op elsewhere."""
+    def open_outputs(self, resume_step: Optional[int], active: Optional[bool] = None) -> None:
+        """Rank 0's metrics.jsonl, TensorBoard writer and console; a no-op elsewhere (and
+        everywhere with ``active=False``)."""
         cfg = self.cfg
-        if self.rank == 0:
+        active = self.rank == 0 if active is None else active
+        if active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(self.run_dir, active=self.rank == 0, tensorboard=cfg.log.tensorboard,
+        self.logger = MetricsLogger(self.run_dir, active=active, tensorboard=cfg.log.tensorboard,
                                     resume_step=resume_step, origin=self.origin)
         self.origin = self.logger.origin
-        self.console = Console(self.run_dir, active=self.rank == 0, total_steps=self.total_steps,
-                               initial_step=self.loop.step, every=cfg.log.console_seconds,
-                               quiet=cfg.log.quiet, bar=cfg.log.progress, name=cfg.name or "run")
+        job = self.job or {}
+        self.console = Console(self.run_dir, active=active, total_steps=self.total_steps,
+                               initial_step=job.get("start_step", self.loop.step),
+                               every=cfg.log.console_seconds, quiet=cfg.log.quiet,
+                               bar=cfg.log.progress, name=cfg.name or "run",
+                               started=job.get("started"),
+                               label=f"rank {self.rank}" if self.elastic_start else "")
+
+    def announce(self) -> None:
+        """The run's first console line: what trains, on how many workers, where it writes."""
+        cfg, o = self.cfg, self.cfg.optimizer
+        self.console.say(
+            f"{cfg.name or 'run'}: method {o.method} ({o.mode}, tau {o.tau}), {self.size} "
+            f"worker(s), {self.total_steps} steps ({self.steps_per_epoch}/epoch), batch "
+            f"{cfg.train.batch_size}/worker on {self.device}; run dir {self.run_dir}", always=True)
 
     def close_outputs(self) -> None:
         self.console.close()
@@ -525,6 +573,9 @@ def run_elastic(trainer: Trainer) -> Dict[str, Any]:
 
     @hvd.elastic.run
     def body(state) -> Dict[str, Any]:
+        if state.needs_resync:  # hosts only removed: Horovod skipped the sync
+            resync(trainer, state)
+            state.needs_resync = False
         trainer.train_loop()
         return trainer.finish()
 
@@ -536,12 +587,18 @@ def trainer_state_class():
     import horovod.torch as hvd
 
     class TrainerState(hvd.elastic.TorchState):
-        """Horovod's TorchState (model + optimizer) plus the trainer's loop state."""
+        """Horovod's TorchState (model + optimizer) plus the trainer's loop state.
+
+        ``trained``: this process has taken part in a sync of this job (its loop state is the
+        job's). ``needs_resync``: a reset happened; the sync (or, when Horovod skips it because
+        hosts were only removed, the start of the elastic body) brings the trainer to the new
+        world."""
 
         def __init__(self, trainer: Trainer) -> None:
             self.trainer = trainer
             self.saved_loop = replace(trainer.loop)
             self.trained = False
+            self.needs_resync = False
             super().__init__(model=trainer.model, optimizer=trainer.opt)
 
         def save(self) -> None:
@@ -551,34 +608,108 @@ def trainer_state_class():
         def restore(self) -> None:
             super().restore()
             self.trainer.loop = replace(self.saved_loop)
+            self.trainer.clock = Stopwatch(self.saved_loop.wall_time)
+
+        def reset(self) -> None:
+            super().reset()
+            self.needs_resync = True
 
         def sync(self) -> None:
             super().sync()
             resync(self.trainer, self)
-            self.trained = True
-            self.saved_loop = replace(self.trainer.loop)
+            self.trained, self.needs_resync = True, False
+            self.save()  # what every worker agreed on (a resumed checkpoint too) is the commit
 
     return TrainerState
 
 
+def _hostname() -> str:
+    """The host Horovod placed this worker on (as the discovery script names it)."""
+    import os
+    import socket
+
+    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+
+
 def resync(trainer: Trainer, state: Any) -> None:
-    """After a (re)start: the lowest-ranked survivor's loop state, this world's data shards,
-    and rank 0's outputs continuing from that step."""
+    """After a (re)start, on every worker of the new world (a collective): the job's run
+    directory and the loop state from the lowest-ranked survivor (at the job's start, from
+    :func:`start_job`), this world's data shards, and rank 0's outputs continuing from that
+    step; rank 0 says which hosts left and joined."""
     import horovod.torch as hvd
 
     trainer.close_outputs()
+    old_rank = trainer.rank
     trainer.rank, trainer.size = hvd.rank(), hvd.size()
-    everyone = hvd.allgather_object(state.trained, name="hvd_easgd.trainer.who")
-    root = next((r for r, alive in enumerate(everyone) if alive), 0)
-    loop = hvd.broadcast_object(trainer.loop, root_rank=root, name="hvd_easgd.trainer.loop")
-    trainer.loop = replace(loop)
+    everyone = hvd.allgather_object((state.trained, trainer.job is not None, _hostname()),
+                                    name="hvd_easgd.trainer.who")
     trainer.build_loaders()
+    first = not any(job for _, job, _ in everyone)
+    if first:
+        start_job(trainer)
+    root = next((r for r, (alive, _, _) in enumerate(everyone) if alive),
+                next((r for r, (_, job, _) in enumerate(everyone) if job), 0))
+    mine = (replace(trainer.loop, wall_time=trainer.clock()), trainer.job, trainer.hosts, trainer.best)
+    loop, job, before, best = hvd.broadcast_object(mine, root_rank=root, name="hvd_easgd.trainer.loop")
+    trainer.loop, trainer.best, trainer.hosts = replace(loop), best, [h for _, _, h in everyone]
+    adopt_job(trainer, job)
     trainer.set_position(loop.epoch_samples, loop.world_size)
     trainer.plan_total_steps()
     trainer.clock = Stopwatch(loop.wall_time)
-    trainer.meter.clear()
+    if not first:
+        trainer.meter.clear()
     trainer.open_outputs(resume_step=loop.step)
     trainer.last = {"step": loop.step, "wall": trainer.clock(), "stats": trainer.comm_stats()}
-    if state.trained:
+    if first:
+        trainer.announce()
+        if trainer.resume_note:
+            trainer.console.say(trainer.resume_note, always=True)
+    else:
+        moved = f" (this process was rank {old_rank})" if old_rank != trainer.rank else ""
         trainer.console.say(f"elastic reset: {trainer.size} worker(s), continuing from step "
-                            f"{loop.step} (epoch {loop.epoch})", always=True)
+                            f"{loop.step} (epoch {loop.epoch}); "
+                            f"{host_changes(before, trainer.hosts)}{moved}", always=True)
+
+
+def start_job(trainer: Trainer) -> None:
+    """The job's first sync (a collective; the elastic optimizer is synced): rank 0 picks the
+    run directory and the checkpoint to resume from, as outside an elastic launch, every worker
+    restores that checkpoint, and ``trainer.job`` records what a worker that joins later
+    takes over (run directory, metrics origin, counters of earlier runs, the console's start)."""
+    import time
+
+    run_dir, payload = trainer.T.open_run(trainer.cfg, *trainer.elastic_start, trainer.rank)
+    trainer.run_dir = run_dir
+    if payload is not None:
+        if int(payload["world_size"]) != trainer.size:
+            trainer.restart_from_center(payload)
+        trainer.restore_from_checkpoint(payload)
+        trainer.resumed = True
+        trainer.clock = Stopwatch(trainer.loop.wall_time)
+    trainer.job = {"run_dir": str(run_dir), "origin": (trainer.origin if payload else None) or time.time(),
+                   "stats_base": dict(trainer.stats_base), "started": time.time(),
+                   "start_step": trainer.loop.step}
+
+
+def adopt_job(trainer: Trainer, job: Dict[str, Any]) -> None:
+    """Take the job's settings from the broadcast of :func:`resync`."""
+    trainer.job = dict(job)
+    trainer.run_dir = Path(job["run_dir"])
+    trainer.cfg.run_dir = job["run_dir"]
+    trainer.origin = job["origin"]
+    trainer.stats_base = dict(job["stats_base"])
+
+
+def host_changes(before: list, now: list) -> str:
+    """Which hosts left and which joined between two worlds (one host name per rank), e.g.
+    ``127.0.0.1 left`` or ``node3 joined (2 workers)``."""
+    from collections import Counter
+
+    old, new = Counter(before), Counter(now)
+
+    def names(counts: Counter) -> str:
+        return ", ".join(h if n == 1 else f"{h} ({n} workers)" for h, n in sorted(counts.items()))
+
+    parts = [f"{names(old - new)} left" if old - new else "",
+             f"{names(new - old)} joined" if new - old else ""]
+    return "; ".join(p for p in parts if p) or "same hosts"

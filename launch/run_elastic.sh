@@ -10,8 +10,9 @@
 # Horovod asks DISCOVERY every few seconds which hosts may run workers (one `host:slots` line
 # each); the example launch/discover_hosts.sh prints the lines of HOSTS_FILE, so editing that
 # file grows or shrinks the job. A worker that fails (even SIGKILL) costs the survivors the
-# steps since the last commit (elastic.commit_every); its host is blacklisted. The trainer runs
-# with elastic.enabled=true: see README "Elastic training".
+# steps since the last commit (elastic.commit_every); its host is blacklisted for a cooldown
+# (BLACKLIST_COOLDOWN), then may run a worker again, which joins from the center. The trainer
+# runs with elastic.enabled=true: see README "Elastic training".
 #
 # CONFIG defaults to $CONFIG, else recipes/demo/digits_elastic.yaml. Environment [defaults]:
 #   HOSTS_FILE        host:slots lines for discover_hosts.sh [launch/hosts.txt]
@@ -21,6 +22,10 @@
 #   NETWORK_INTERFACE NIC for Horovod's traffic (needed to start with a single host) [lo when
 #                     every host is this machine, else auto]
 #   ELASTIC_TIMEOUT   seconds to wait for MIN_NP workers after a failure [600]
+#   BLACKLIST_COOLDOWN "MIN MAX": seconds a failed worker's host stays blacklisted before it may
+#                     run a worker again (horovodrun --blacklist-cooldown-range; Horovod draws
+#                     2-3 x MIN the first time and doubles it at each failure, up to MAX)
+#                     [10 300]; "off": blacklisted for the rest of the job (Horovod's default)
 #   CLUSTER_ENV, TRAIN, HOROVODRUN, HOROVODRUN_ARGS, DRY_RUN=1, HVD_EASGD_TUNE  as run_multinode.sh
 set -euo pipefail
 
@@ -41,6 +46,15 @@ if [[ -n "$CLUSTER_ENV" ]]; then
     [[ -f "$CLUSTER_ENV" ]] || die "CLUSTER_ENV=$CLUSTER_ENV does not exist"
     # shellcheck source=cluster_env.sh
     source "$CLUSTER_ENV"
+fi
+
+cooldown=()
+read -r -a cooldown_range <<< "${BLACKLIST_COOLDOWN-10 300}"
+if [[ "${cooldown_range[*]:-off}" != off ]]; then
+    [[ ${#cooldown_range[@]} == 2 && "${cooldown_range[0]}" =~ ^[1-9][0-9]*$ && "${cooldown_range[1]}" =~ ^[1-9][0-9]*$ ]] \
+        && (( cooldown_range[0] <= cooldown_range[1] && cooldown_range[1] <= 3600 )) \
+        || die "BLACKLIST_COOLDOWN must be 'MIN MAX' seconds (1 <= MIN <= MAX <= 3600) or 'off', got '${BLACKLIST_COOLDOWN}'"
+    cooldown=(--blacklist-cooldown-range "${cooldown_range[@]}")
 fi
 
 # The recipe's elastic.min_np / max_np (python: the one of the environment that runs TRAIN).
@@ -73,7 +87,7 @@ esac
 
 cmd=("${HOROVODRUN:-horovodrun}" -np "$NP" --min-np "$MIN_NP" --max-np "$MAX_NP"
      --host-discovery-script "$DISCOVERY" --elastic-timeout "${ELASTIC_TIMEOUT:-600}"
-     "${nic[@]}" "${extra[@]}" "${train_cmd[@]}" --config "$CONFIG" --set elastic.enabled=true "$@")
+     "${cooldown[@]}" "${nic[@]}" "${extra[@]}" "${train_cmd[@]}" --config "$CONFIG" --set elastic.enabled=true "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     echo "# HOSTS_FILE=$HOSTS_FILE" >&2
     printf '%q ' "${cmd[@]}"; echo

@@ -115,3 +115,23 @@ def test_warnings_reach_train_log(tmp_path):
         warnings.warn("round 3 skipped", RuntimeWarning)
         console.close()
     assert "[hvd-easgd] RuntimeWarning: round 3 skipped" in (tmp_path / "train.log").read_text()
+
+
+def test_an_elastic_console_names_its_rank_and_counts_from_the_jobs_start(tmp_path):
+    """After an elastic reset the console is reopened, maybe in another process: its lines name
+    the rank it prints for (horovodrun's [N] is the rank the process started with) and the
+    elapsed time and ETA count from the job's start, not from the reset."""
+    import io
+    import time
+
+    from hvd_easgd.console import Console
+
+    stream = io.StringIO()
+    console = Console(tmp_path, active=True, total_steps=100, initial_step=0, every=0, quiet=False,
+                      bar=False, name="t", stream=stream, started=time.time() - 125, label="rank 0")
+    console.progress(50, 1.0, {"train/loss": 1.0, "lr": 0.1, "samples_per_sec": 10.0})
+    console.close()
+    line = stream.getvalue().strip()
+    assert line.startswith("[hvd-easgd rank 0] step 50/100 (50%) epoch 1.00 | loss 1 |"), line
+    assert line.endswith("| elapsed 0:02:05 | ETA 0:02:05"), line
+    assert (tmp_path / "train.log").read_text().strip() == line

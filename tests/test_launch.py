@@ -16,6 +16,7 @@ _SCRIPT_VARS = {
     "CONFIG", "NP", "SLOTS", "HOSTS", "CONTROLLER", "TRAIN", "HOROVODRUN", "HOROVODRUN_ARGS",
     "NETWORK_INTERFACE", "CLUSTER_ENV", "LAUNCH_DIR", "DRY_RUN", "HOSTS_FILE", "DISCOVERY",
     "MIN_NP", "MAX_NP", "ELASTIC_TIMEOUT", "PYTHON", "HVD_EASGD_TUNE", "HVD_EASGD_DEFAULTED",
+    "BLACKLIST_COOLDOWN",
 }
 
 
@@ -163,3 +164,25 @@ def test_run_elastic_refuses_bad_worker_counts():
     proc = _run("run_elastic.sh", ELASTIC, check=False, DRY_RUN="1", MIN_NP="3", MAX_NP="2",
                 PYTHON=__import__("sys").executable)
     assert proc.returncode == 2 and "MIN_NP <= NP <= MAX_NP" in proc.stderr
+
+
+def test_run_elastic_lets_a_failed_host_come_back_after_a_cooldown(monkeypatch):
+    """Horovod blacklists a failed worker's host for good unless given a cooldown: the launcher
+    gives one by default, and the installed horovodrun accepts every flag it builds."""
+    import shlex
+    import sys
+
+    cmd = _elastic_dry(ELASTIC)
+    assert " --blacklist-cooldown-range 10 300 " in cmd
+    assert " --blacklist-cooldown-range 1 3 " in _elastic_dry(ELASTIC, BLACKLIST_COOLDOWN="1 3")
+    assert "--blacklist-cooldown-range" not in _elastic_dry(ELASTIC, BLACKLIST_COOLDOWN="off")
+    for bad in ("5", "0 3", "9 4", "1 4000", "a b"):
+        proc = _run("run_elastic.sh", ELASTIC, check=False, DRY_RUN="1", BLACKLIST_COOLDOWN=bad,
+                    PYTHON=sys.executable)
+        assert proc.returncode == 2 and "BLACKLIST_COOLDOWN must be" in proc.stderr, bad
+    from horovod.runner.launch import parse_args
+
+    monkeypatch.setattr(sys, "argv", shlex.split(cmd))
+    args = parse_args()
+    assert args.cooldown_range == [10, 300] and args.min_num_proc == 1 and args.max_num_proc == 2
+    assert args.command[0] == "hvd-easgd-train"

@@ -86,6 +86,20 @@ def test_the_recipes_cycle_time_replaces_only_our_default(tmp_path, marker):
     assert warned == (0 if marker else 1), proc.stderr[-3000:]
 
 
+@pytest.mark.timeout(180)
+def test_a_stopped_run_exits_3_and_horovodrun_says_so(tmp_path):
+    """As the README says: every worker exits 3 when training stops (divergence here);
+    horovodrun names that status in its closing error and itself exits 1."""
+    proc = horovodrun([*_train_command(), "--config", DEMO, "--run-dir", str(tmp_path / "run"),
+                       "--set", "optimizer.lr=1000", "--set", "log.every=5",
+                       "--set", "train.eval_every=0", "--set", "checkpoint.every=0"],
+                      np=1, timeout=170, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "hvd-easgd-train: training stopped: training diverged" in text
+    assert "Exit code: 3" in text
+
+
 CASES = {
     # sync EASGD (dropout on: the RNG state must be restored exactly)
     "easgd_sync": ["optimizer.method=easgd", "optimizer.mode=sync", "optimizer.tau=4"],
