@@ -29,13 +29,12 @@ import torch
 
 from hvd_easgd import recovery
 from hvd_easgd.center import (
-    CenterState, Counters, adopt_sync_sgd_steps, pack_state_dict, split_state_dict, unpack_state_dict,
-    warn_if_saved_elsewhere,
+    CenterState, Counters, adopt_sync_sgd_steps, pack_state_dict, split_state_dict,
+    unpack_state_dict, warn_if_saved_elsewhere,
 )
 from hvd_easgd.checks import (
-    DEFAULT_BETA, check_options, check_patience, check_tau, check_sync_sgd_steps, float_buffers,
-    name_parameters,
-    resolve_coefficients, signature,
+    DEFAULT_BETA, check_options, check_patience, check_sync_sgd_steps, check_tau, float_buffers,
+    name_parameters, resolve_coefficients, signature,
 )
 from hvd_easgd.comm import BackgroundExchange, ExchangeStats, average_gradients
 from hvd_easgd.elastic import ElasticRule, buffer_rule
@@ -313,17 +312,25 @@ class ElasticOptimizer(torch.optim.Optimizer):
 
     def _sync_sgd_step(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
         """Synchronous SGD: average the gradients over the peers, step, and keep the center at
-        the (identical) workers, so that EASGD starts from them at the switch."""
+        the (identical) workers, so that EASGD starts from them at the switch. A step whose
+        averaged gradient is not finite is applied by nobody (the non-finite guard's verdict)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.stats.cross_group_bytes += average_gradients(
-            self._params(), f"{self.communicator.name}.sync_sgd", self.topology_peers())
+        params = self._params()
+        sent = average_gradients(params, f"{self.communicator.name}.sync_sgd",
+                                 self.topology_peers())
+        self.stats.cross_group_bytes += sent
+        self.stats.bytes_communicated += sent
         self.counters.step += 1
         self.stats.steps += 1
-        self.optimizer.step()
-        self.buffers.center_from_live_params()
+        if recovery.gradients_finite(params):
+            self.counters.record_round(False, recovery.window(self.nonfinite_patience))
+            self.optimizer.step()
+            self.buffers.center_from_live_params()
+        else:
+            recovery.skip_sync_sgd_step(self)
         if self.round_due(self.counters.step + 1):
             self.rounds.start_early()
         return loss

@@ -101,11 +101,9 @@ def nonfinite_ranks(opt: "ElasticOptimizer", slot: int) -> List[int]:
     """
     topology = opt.topology
     members = list(range(hvd.size())) if topology is None else topology.ranks
-    # EASGD among a process set: only its members take part (a hierarchy spans every rank).
-    peers = (topology.cross_set if topology is not None and topology.group_set is None
-             else hvd.global_process_set)
     mine = torch.tensor([0 if opt.buffers.locally_finite(slot) else 1], dtype=torch.int32)
-    flags = hvd.allgather(mine, name=f"{opt.communicator.name}.nonfinite", process_set=peers)
+    flags = hvd.allgather(mine, name=f"{opt.communicator.name}.nonfinite",
+                          process_set=opt.topology_peers())
     return [members[i] for i in torch.nonzero(flags).flatten().tolist()] or [-1]
 
 
@@ -165,6 +163,33 @@ def skip_round(opt: "ElasticOptimizer", bad: List[int]) -> bool:
         opt.rounds.error = error
         raise error
     return restarted
+
+
+def gradients_finite(params: List[torch.Tensor]) -> bool:
+    """Whether the (averaged, so identical on every worker) gradients hold no NaN/inf."""
+    return all(bool(torch.isfinite(p.grad.sum())) for p in params if p.grad is not None)
+
+
+def skip_sync_sgd_step(opt: "ElasticOptimizer") -> None:
+    """A synchronous-SGD step (before EASGD starts) whose averaged gradient is not finite:
+    nobody applies it; past the patience every worker raises, as for rounds."""
+    opt.stats.skipped_rounds += 1
+    patience = opt.nonfinite_patience
+    count = opt.counters.record_round(True, window(patience))
+    if opt.world[1] == 0:
+        warnings.warn(
+            f"EASGD step {opt.counters.step} (synchronous SGD, sync_sgd_steps="
+            f"{opt.sync_sgd_steps}): the averaged gradient was not finite (NaN or inf); no worker "
+            f"applied it. Bad steps among the last {window(patience)}: {count} of {patience} "
+            f"allowed.", NonFiniteWarning, stacklevel=4)
+    if count >= patience:
+        error = NonFiniteError(
+            f"EASGD stopped at step {opt.counters.step}: the averaged gradient of the "
+            f"synchronous-SGD steps was non-finite in {count} of the last {window(patience)} "
+            f"steps (nonfinite_patience={patience}). Training diverges: lower the learning rate "
+            f"(or add warm-up or gradient clipping) and check the workers' data for NaN/inf.")
+        opt.rounds.error = error
+        raise error
 
 
 # ---------------------------------------------------------------------- Horovod Elastic

@@ -163,6 +163,9 @@ NAN_CASES = [
     # bad rounds alternate with good ones; the window still stops it
     {"kind": "nan", "nan_step": 5, "persist": True,
      "case": Case(name="nan-persist-async", mode="async", tau=2, steps=40).to_dict()},
+    # before EASGD starts (synchronous SGD): the averaged gradient is NaN on every worker
+    {"kind": "nan", "nan_step": 5,
+     "case": Case(name="nan-sync-sgd", tau=2, steps=12, extra={"sync_sgd_steps": 8}).to_dict()},
 ]
 
 
@@ -208,6 +211,15 @@ def test_persistent_nan_stops_an_async_job(nan_job):
     assert raised[0] == raised[1]
     # rounds seal at 6, 8, ... and land a round later; every other one is bad
     assert len(results[0]["skips"]) == 2 and raised[0]["step"] <= 20, results[0]["skips"]
+
+
+@pytest.mark.timeout(300)
+def test_one_nan_step_before_easgd_starts_is_skipped(nan_job):
+    results = [ranks["results"][6] for ranks in nan_job]
+    for res in results:
+        assert res["raised"] is None and res["finite"]
+        assert res["skips"] == [5] and res["unchanged_center"] == [True]
+    assert results[0]["center_hash"] == results[1]["center_hash"]
 
 
 @pytest.mark.timeout(300)
