@@ -316,9 +316,9 @@ def warn_if_saved_elsewhere(easgd: Dict[str, Any], world_size: int, method: str,
 
 
 def adopt_sync_sgd_steps(easgd: Dict[str, Any], sync_sgd_steps: int) -> int:
-    """The switch point from synchronous SGD to EASGD that a resumed run keeps: the one it was saved with (a run
-    switches to EASGD once, at the step it planned), with a warning if this job asked for
-    another. State dicts saved before the switch point existed keep ``sync_sgd_steps``."""
+    """The switch point from synchronous SGD to EASGD that a resumed run keeps: the one it was
+    saved with (a run switches once, at the step it planned), with a warning if this job asked
+    for another. State dicts saved before the switch point existed keep ``sync_sgd_steps``."""
     saved = easgd.get("sync_sgd_steps")
     if saved is None or int(saved) == sync_sgd_steps:
         return sync_sgd_steps

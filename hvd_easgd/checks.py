@@ -16,13 +16,16 @@ DEFAULT_BETA = 0.9
 NamedTensors = List[Tuple[str, torch.Tensor]]
 
 
+def check_integer(name: str, value: Any, minimum: int, meaning: str) -> int:
+    """``value`` as an int, or a ValueError naming ``name``, the bound and what it means."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} ({meaning}), got {value!r}")
+    return int(value)
+
+
 def check_tau(tau: Any) -> int:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Integral) or tau < 1:
-        raise ValueError(
-            f"tau must be an integer >= 1 (local steps between communication rounds; the "
-            f"paper uses 1 to 64), got {tau!r}"
-        )
-    return int(tau)
+    return check_integer("tau", tau, 1, "local steps between communication rounds; the paper "
+                                        "uses 1 to 64")
 
 
 def resolve_coefficients(
@@ -63,12 +66,8 @@ def resolve_coefficients(
 
 
 def check_sync_sgd_steps(steps: Any) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(
-            f"sync_sgd_steps must be an integer >= 0 (synchronous-SGD steps before EASGD "
-            f"starts; 0 for none), got {steps!r}"
-        )
-    return int(steps)
+    return check_integer("sync_sgd_steps", steps, 0, "synchronous-SGD steps before EASGD "
+                                                     "starts; 0 for none")
 
 
 def check_real(name: str, value: Any) -> float:
@@ -176,12 +175,8 @@ def _describe(entry: Optional[tuple]) -> str:
 
 
 def check_patience(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            f"nonfinite_patience must be an integer >= 1 (consecutive rounds with a non-finite "
-            f"worker before training stops), got {value!r}"
-        )
-    return int(value)
+    return check_integer("nonfinite_patience", value, 1, "non-finite rounds among the last "
+                                                         "2 x nonfinite_patience before training stops")
 
 
 def check_options(optimizer: Any, wrapper: type, *, method: str, mode: str, modes: Sequence[str],
