@@ -39,6 +39,7 @@ IMAGENET_AUGMENTS = ("overfeat", "resized_crop")  # data.augment (hvd_easgd/data
 SCHEDULES = ("constant", "step", "cosine")
 COMPRESSIONS = ("none", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_BETA = 0.9  # optimizer.beta's default (recipes/base.yaml repeats it)
 
 
 class ConfigError(ValueError):
@@ -86,7 +87,7 @@ class OptimizerConfig:
     mode: str = "sync"  # sync | async
     lr: float = MISSING  # learning rate eta of the local optimizer
     tau: int = 1  # communication period (steps between rounds)
-    beta: Optional[float] = 0.9  # moving rate of the center; alpha = beta / p
+    beta: Optional[float] = DEFAULT_BETA  # moving rate of the center, alpha = beta/p (diloco: null)
     alpha: Optional[float] = None  # give alpha instead of beta (then set beta: null)
     momentum: float = 0.99  # delta: Nesterov momentum (eamsgd, msgd, sync_sgd) or master momentum (mdownpour)
     weight_decay: float = 0.0  # L2 weight decay of the local optimizer
@@ -333,13 +334,14 @@ def load_config(
 ) -> DictConfig:
     """Schema defaults <- recipe chain (`_base_`) <- dotlist overrides; validated; returns DictConfig."""
     cfg = OmegaConf.structured(Config)
-    if path is not None:
-        for recipe_path, raw in _recipe_chain(Path(path)):
-            cfg = _merge(cfg, raw, str(recipe_path))
-        if cfg.name is None:
-            cfg.name = Path(path).stem
+    chain = [(str(p), raw) for p, raw in _recipe_chain(Path(path))] if path is not None else []
+    for source, raw in chain:
+        cfg = _merge(cfg, raw, source)
+    if path is not None and cfg.name is None:
+        cfg.name = Path(path).stem
     cfg = apply_overrides(cfg, overrides)
     if validate_config:
+        _settle_diloco_beta(cfg, chain, [_override(item) for item in overrides])
         validate(cfg)
     return cfg
 
@@ -350,23 +352,74 @@ def config_from_dict(data: Dict[str, Any], overrides: Sequence[str] = (), *, sou
     data.pop(BASE_KEY, None)
     cfg = _merge(OmegaConf.structured(Config), data, source)
     cfg = apply_overrides(cfg, overrides)
+    _settle_diloco_beta(cfg, [(source, data)], [_override(item) for item in overrides])
     validate(cfg)
     return cfg
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.01")
-        key = item.split("=", 1)[0].strip()
-        try:
-            dot = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"--set {item!r}: {str(e).splitlines()[0]}") from None
-        if not key or any(not p for p in key.split(".")):
-            raise ConfigError(f"--set {item!r}: bad key {key!r}; {_describe_section(())}")
-        cfg = _merge(cfg, dot, f"--set {item}")
+        source, dot = _override(item)
+        cfg = _merge(cfg, dot, source)
     return cfg
+
+
+def _override(item: str) -> tuple:
+    """``(source, nested dict)`` of one ``--set KEY=VALUE``; ConfigError if it is malformed."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.01")
+    key = item.split("=", 1)[0].strip()
+    try:
+        dot = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"--set {item!r}: {str(e).splitlines()[0]}") from None
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}; {_describe_section(())}")
+    return f"--set {item}", dot
+
+
+def _settle_diloco_beta(cfg: DictConfig, recipes: Sequence[tuple], sets: Sequence[tuple]) -> None:
+    """DiLoCo has no elastic coefficient: refuse an ``optimizer.beta`` given for it, drop one it
+    only inherits.
+
+    ``recipes`` (the chain from the deepest base) and ``sets`` (each ``--set``) are ``(source,
+    mapping)`` in merge order. When the method ends up diloco and beta a number, that number is
+    *given for DiLoCo* if the last layer naming beta is a ``--set``, or the recipe from which the
+    method is diloco, or a later one: ConfigError, naming that layer and what to tune instead.
+    Otherwise it was meant for another method (recipes/base.yaml's 0.9 for EASGD, the schema's
+    default) and the config gets ``beta: null``, which ``--print-config`` and saved configs show.
+    One exception keeps configs saved before this check loading (config.yaml, checkpoints): 0.9
+    next to ``method: diloco`` in the same recipe is taken for that inherited default."""
+    o, layers = cfg.optimizer, [*recipes, *sets]
+    if o.method != "diloco" or o.beta is None:
+        return
+    named = [i for i, (_, raw) in enumerate(layers) if "beta" in _optimizer_keys(raw)]
+    last, since = (named[-1] if named else -1), _diloco_since(layers)
+    if last >= len(recipes) or last > since or (last == since and o.beta != DEFAULT_BETA):
+        raise ConfigError(
+            f"{layers[last][0]}: optimizer.method=diloco takes no optimizer.beta (got {o.beta}): "
+            f"it has no elastic coefficient (every worker restarts from the center each round), "
+            f"so beta would be ignored. Tune the outer step that moves the center instead, "
+            f"optimizer.outer_lr (now {o.outer_lr}) and optimizer.outer_momentum (now "
+            f"{o.outer_momentum}), and remove optimizer.beta (or set it to null)")
+    o.beta = None
+
+
+def _optimizer_keys(raw: Any) -> Dict[str, Any]:
+    section = raw.get("optimizer") if isinstance(raw, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def _diloco_since(layers: Sequence[tuple]) -> int:
+    """The index of the layer from which ``optimizer.method`` is diloco to the end."""
+    since = len(layers)
+    for i in reversed(range(len(layers))):
+        method = _optimizer_keys(layers[i][1]).get("method")
+        if method not in (None, "diloco"):
+            break
+        if method == "diloco":
+            since = i
+    return since
 
 
 #: numeric keys: "> 0" (positive), ">= 0" (non-negative), "... or null" (may be unset)
@@ -414,7 +467,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "optimizer.method=diloco has no elastic coefficient (workers restart from the center "
             "every round): set optimizer.alpha to null and tune optimizer.outer_lr / "
-            "optimizer.outer_momentum instead (optimizer.beta is ignored)"
+            "optimizer.outer_momentum instead (optimizer.beta does not apply either)"
         )
     parse_hierarchy(cfg.optimizer.hierarchy)
     choice("optimizer.survivors", cfg.optimizer.survivors, ("own", "center"))
@@ -469,7 +522,12 @@ def validate(cfg: DictConfig) -> None:
 
 
 def parse_hierarchy(value: Optional[str]):
-    """``optimizer.hierarchy``: None, ``"host"`` or groups of ranks ``"0,1;2,3"`` as lists."""
+    """``optimizer.hierarchy``: None, ``"host"`` or groups of ranks ``"0,1;2,3"`` as lists.
+
+    Explicit groups get every check that needs no world size
+    (:func:`hvd_easgd.hierarchy.check_group_shape`: ranks >= 0, none twice, groups of one size),
+    so a bad hierarchy is a ConfigError before launch. That imports horovod.torch (only then,
+    and without initialising Horovod); the ranks against the job's size are checked at start."""
     if value is None or value == "host":
         return value
     try:
@@ -478,7 +536,13 @@ def parse_hierarchy(value: Optional[str]):
         raise ConfigError(
             f"'optimizer.hierarchy' is {value!r}; use null, host, or groups of ranks separated "
             f"by ';', e.g. '0,1;2,3'") from None
-    return groups
+    from hvd_easgd.hierarchy import check_group_shape
+
+    try:
+        return check_group_shape(groups)
+    except ValueError as e:
+        raise ConfigError(f"'optimizer.hierarchy' is {value!r}: {e}; in a recipe or --set, "
+                          f"groups of ranks separated by ';', e.g. '0,1;2,3'") from None
 
 
 def _validate_sweep(cfg: DictConfig) -> None:

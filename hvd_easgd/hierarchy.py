@@ -29,10 +29,12 @@ allgathers inside its group).
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import socket
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -77,27 +79,71 @@ class Topology:
         return repr(self.groups)
 
 
-def check_groups(groups: Any, size: int, rank: int, *, every_rank: bool) -> List[List[int]]:
-    """Validate explicit groups (before any collective: every worker raises alike)."""
-    example = "e.g. hierarchy=[[0, 1], [2, 3]] or hierarchy='host'"
-    try:
-        groups = [sorted(int(r) for r in g) for g in groups]
-    except TypeError:
-        raise ValueError(f"hierarchy must be 'host' or a list of lists of ranks ({example}), "
-                         f"got {groups!r}") from None
-    flat = [r for g in groups for r in g]
+EXAMPLE = "e.g. hierarchy=[[0, 1], [2, 3]] or hierarchy='host'"
+
+
+def check_group_shape(groups: Any) -> List[List[int]]:
+    """``groups`` as sorted lists of ranks, if it passes every check that needs no world size.
+
+    Raises ValueError, naming the bad value and the fix, unless ``groups`` is a non-empty list of
+    non-empty lists of ranks, each rank an ``int`` >= 0 (bool, float and str are refused, never
+    rounded or parsed), no rank listed twice, and all groups of one size. Calls no Horovod
+    function (nothing needs ``hvd.init()``): :func:`hvd_easgd.config.parse_hierarchy` runs it on
+    ``optimizer.hierarchy`` before launch."""
+    groups = [sorted(_rank(r, groups) for r in _listed(g, groups)) for g in _listed(groups, groups)]
     if not groups or not all(groups):
-        raise ValueError(f"hierarchy has an empty group: {groups}; {example}")
-    if len(set(flat)) != len(flat) or any(not 0 <= r < size for r in flat):
-        raise ValueError(f"hierarchy {groups} must name each rank of 0..{size - 1} at most once")
-    sizes = sorted({len(g) for g in groups})
-    if len(sizes) > 1:
+        raise ValueError(f"hierarchy needs groups of one rank or more, got {groups}; {EXAMPLE}")
+    flat = [r for g in groups for r in g]
+    twice = sorted({r for r in flat if flat.count(r) > 1})
+    if twice:
+        raise ValueError(f"hierarchy {groups} names rank(s) {twice} more than once: list each "
+                         f"worker in exactly one group ({EXAMPLE})")
+    if len({len(g) for g in groups}) > 1:
         raise ValueError(
             f"hierarchy groups differ in size ({', '.join(map(str, (len(g) for g in groups)))} "
             f"workers in {groups}): each group trains as one EASGD worker and exchanges its round "
             f"in equal slices, so every group needs the same number of workers. Launch the same "
             f"number of slots per host (-H host1:n,host2:n) or give equal groups explicitly"
         )
+    return groups
+
+
+def _listed(value: Any, groups: Any) -> list:
+    """``value`` (the groups, or one group) as a list, if it is a collection of items."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"hierarchy must be 'host' or a list of lists of ranks ({EXAMPLE}), "
+                         f"got {groups!r}")
+    return list(value)
+
+
+def _rank(value: Any, groups: Any) -> int:
+    """``value`` as a rank: an int (not a bool) >= 0; anything else is a ValueError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        rank = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"hierarchy {groups!r} has rank {value!r} (a {type(value).__name__}): a rank is a "
+            f"worker's hvd.rank(), an int, and nothing else is rounded or parsed into one; write "
+            f"each rank as an int ({EXAMPLE})") from None
+    if rank < 0:
+        raise ValueError(f"hierarchy {groups!r} has rank {rank}: ranks are the workers' "
+                         f"hvd.rank(), 0 and up ({EXAMPLE})")
+    return rank
+
+
+def check_groups(groups: Any, size: int, rank: int, *, every_rank: bool) -> List[List[int]]:
+    """Explicit groups for a job of ``size`` workers, checked before any collective (every
+    worker raises the same ValueError): :func:`check_group_shape`, every rank < ``size``, with
+    ``every_rank`` every worker in a group, and ``rank`` in one."""
+    groups = check_group_shape(groups)
+    flat = [r for g in groups for r in g]
+    outside = sorted(r for r in flat if r >= size)
+    if outside:
+        raise ValueError(f"hierarchy {groups} names rank(s) {outside}, but the job has {size} "
+                         f"workers, ranks 0..{size - 1}: use only those ranks, or launch more "
+                         f"workers")
     if every_rank and sorted(flat) != list(range(size)):
         missing = sorted(set(range(size)) - set(flat))
         raise ValueError(f"hierarchy {groups} leaves out rank(s) {missing}: every worker must be "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,3 +288,77 @@ def test_sync_sgd_steps_and_survivors_reach_the_optimizer(tmp_path):
         assert kind == "elastic" and (opt.sync_sgd_steps, opt.survivors) == (5, "center")
     finally:
         opt.close()
+
+
+DILOCO = REPO / "recipes" / "demo" / "digits_diloco.yaml"
+NO_BETA = r"optimizer\.method=diloco takes no optimizer\.beta \(got {}\)"
+
+
+def test_diloco_refuses_a_beta_given_for_it(tmp_path):
+    """DiLoCo has no beta (hvd_easgd.ElasticOptimizer refuses beta= too): one given by --set, or
+    by the recipe choosing diloco or a later one, is a ConfigError naming the knobs to tune; one
+    inherited from recipes/base.yaml (0.9, for EASGD) is dropped, and the config says null."""
+    cfg = load_config(DILOCO)
+    assert cfg.optimizer.method == "diloco" and cfg.optimizer.beta is None
+    for beta in ("0.5", "0.9"):  # the default's value too: it was given
+        with pytest.raises(ConfigError, match=rf"^--set optimizer\.beta={beta}: "
+                           + NO_BETA.format(beta) + r".*optimizer\.outer_lr \(now 0\.7\) and "
+                           r"optimizer\.outer_momentum \(now 0\.9\).*set it to null"):
+            load_config(DILOCO, [f"optimizer.beta={beta}"])
+    digits = REPO / "recipes" / "demo" / "digits.yaml"
+    with pytest.raises(ConfigError, match=NO_BETA.format(0.5)):  # the order of --set is no way out
+        load_config(digits, ["optimizer.beta=0.5", "optimizer.method=diloco"])
+    assert load_config(digits, ["optimizer.method=diloco"]).optimizer.beta is None
+    assert load_config(DILOCO, ["optimizer.beta=null"]).optimizer.beta is None
+    leaf = write(tmp_path / "leaf.yaml", f"_base_: {DILOCO}\noptimizer:\n  beta: 0.9\n")
+    source = re.escape(str(leaf.resolve()))  # the recipe that gives it
+    with pytest.raises(ConfigError, match=f"^{source}: " + NO_BETA.format(0.9)):
+        load_config(leaf)
+    with pytest.raises(ConfigError, match=NO_BETA.format(0.5)):
+        load_config(write(tmp_path / "own.yaml", MINIMAL + "  method: diloco\n  beta: 0.5\n"))
+    data = {"model": {"name": "digits_net"}, "optimizer": {"lr": 0.1, "method": "diloco"}}
+    with pytest.raises(ConfigError, match="^config: " + NO_BETA.format(0.5)):
+        config_from_dict({**data, "optimizer": {**data["optimizer"], "beta": 0.5}})
+    # Saved configs say beta: null and load back; one saved before this check (0.9 next to
+    # method: diloco, in config.yaml or a checkpoint) still loads, and --set is still checked.
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert "beta: null" in (tmp_path / "run" / "config.yaml").read_text()
+    assert load_config(tmp_path / "run" / "config.yaml").optimizer.beta is None
+    old = OmegaConf.to_container(cfg)
+    old["optimizer"]["beta"] = 0.9
+    assert config_from_dict(old, source="config in checkpoint 8").optimizer.beta is None
+    with pytest.raises(ConfigError, match=NO_BETA.format(0.5)):
+        config_from_dict(old, ["optimizer.beta=0.5"])
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0,1;1,2", r"names rank\(s\) \[1\] more than once"),
+    ("0,1,2;3", r"differ in size \(3, 1 workers"),
+    ("0,-1;2,3", r"has rank -1: ranks are the workers' hvd\.rank\(\), 0 and up"),
+    ("0,1;", r"use null, host, or groups of ranks separated by ';'"),
+])
+def test_bad_hierarchy_is_a_config_error_before_launch(tmp_path, capsys, value, message):
+    """What hvd_easgd.hierarchy.check_groups refuses whatever the world size is refused by the
+    config, so hvd-easgd-train exits 2 before any worker starts (not a traceback on every rank)."""
+    from hvd_easgd.config import parse_hierarchy
+    from hvd_easgd.train import main
+
+    recipe = write(tmp_path / "r.yaml", MINIMAL)
+    prefix = re.escape(f"'optimizer.hierarchy' is {value!r}")
+    with pytest.raises(ConfigError, match=f"^{prefix}.*{message}"):
+        load_config(recipe, [f"optimizer.hierarchy={value}"])
+    assert main(["--config", str(recipe), "--set", f"optimizer.hierarchy={value}",
+                 "--print-config"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert parse_hierarchy("1,0;3,2") == [[0, 1], [2, 3]]
+    assert load_config(recipe, ["optimizer.hierarchy=0,2;1,3"]).optimizer.hierarchy == "0,2;1,3"
+
+
+def test_config_imports_no_horovod():
+    """hvd_easgd.config (recipes, --print-config, sweeps) loads a recipe without Horovod."""
+    code = ("import sys; from hvd_easgd.config import load_config; "
+            "load_config('recipes/demo/digits_diloco.yaml'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'horovod', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]", out

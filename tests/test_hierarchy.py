@@ -40,6 +40,9 @@ ERRORS = [
     (Case(name="unequal", extra={"hierarchy": [[0, 1, 2], [3]]}), "differ in size"),
     (Case(name="left-out", extra={"hierarchy": [[0], [1]]}), "leaves out rank(s) [2, 3]"),
     (Case(name="bad-name", extra={"hierarchy": "rack"}), "'host' or explicit"),
+    (Case(name="float-rank", extra={"hierarchy": [[0.9, 1.2], [2, 3]]}), "rank 0.9 (a float)"),
+    (Case(name="out-of-range", extra={"hierarchy": [[0, 1], [2, 3], [4, 5]]}),
+     "names rank(s) [4, 5], but the job has 4 workers, ranks 0..3"),
 ]
 SET_CASE = Case(name="process-set", tau=2, steps=6, seed=4)
 SET_RANKS = [0, 1, 2]
@@ -213,3 +216,41 @@ def test_hierarchy_under_horovod_elastic_says_what_to_use(monkeypatch):
         with pytest.raises(ValueError, match="Use flat EASGD for elastic jobs.*--min-np"):
             hvd_easgd.ElasticOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                        model.named_parameters(), **kw)
+
+
+@pytest.mark.parametrize("groups, message", [
+    ([[0.9, 1.2], [2, 3]], "has rank 0.9 (a float): a rank is a worker's hvd.rank(), an int"),
+    ([[-0.5, 1], [2, 3]], "has rank -0.5 (a float)"),
+    ([["0", "1"], [2, 3]], "has rank '0' (a str)"),
+    ([[True, False], [2, 3]], "has rank True (a bool)"),
+    ([[0, 1], [-1, 2]], "has rank -1: ranks are the workers' hvd.rank(), 0 and up"),
+    ([[0, 1], [1, 2]], "names rank(s) [1] more than once"),
+    ([[0, 0], [1, 2]], "names rank(s) [0] more than once"),
+    ([[0, 1], 2], "a list of lists of ranks"),
+    ([[0, 1], [2, 3], [4, 5]], "names rank(s) [4, 5], but the job has 4 workers, ranks 0..3: use "
+                               "only those ranks, or launch more workers"),
+], ids=["float", "negative-float", "str", "bool", "negative", "overlap", "twice", "not-a-group",
+        "out-of-range"])
+def test_check_groups_names_the_bad_rank(groups, message):
+    """Only ints are ranks (nothing is rounded: 0.9 is not rank 0), and each mistake gets its own
+    message; out of range is not "at most once"."""
+    from hvd_easgd.hierarchy import check_groups
+
+    with pytest.raises(ValueError) as error:
+        check_groups(groups, 4, 0, every_rank=True)
+    assert message in str(error.value)
+    assert "at most once" not in str(error.value)
+
+
+def test_check_group_shape_needs_no_world_size():
+    """The checks hvd_easgd.config runs before launch: lists of ints (any int type) come back
+    sorted; the world size and this worker's rank are check_groups' alone."""
+    import numpy as np
+
+    from hvd_easgd.hierarchy import check_group_shape, check_groups
+
+    assert check_group_shape([(1, 0), range(2, 4)]) == [[0, 1], [2, 3]]
+    assert check_group_shape([[np.int64(5), 4], [7, 6]]) == [[4, 5], [6, 7]]
+    with pytest.raises(ValueError, match=r"ranks 0\.\.7"):
+        check_groups([[4, 5], [7, 8]], 8, 4, every_rank=False)
+    assert check_groups([[4, 5], [7, 6]], 8, 4, every_rank=False) == [[4, 5], [6, 7]]
