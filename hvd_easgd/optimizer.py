@@ -99,8 +99,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         master_momentum: MDOWNPOUR's Nesterov momentum on the center (``method="mdownpour"``).
         nonfinite_patience: a round in which some worker's contribution is NaN/inf is applied
             by nobody, and those workers restart from the center with fresh optimizer state;
-            after this many such rounds in a row every worker raises
-            :class:`~hvd_easgd.recovery.NonFiniteError`.
+            when this many of the last ``2 * nonfinite_patience`` rounds were such rounds,
+            every worker raises :class:`~hvd_easgd.recovery.NonFiniteError`.
         outer_optimizer: a factory ``params -> torch.optim.Optimizer`` that moves the center
             (``method="easgd"`` or ``"diloco"``), e.g. ``lambda params: torch.optim.SGD(params,
             lr=0.7, momentum=0.9, nesterov=True)``; it is called with the center's tensors and
