@@ -35,9 +35,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hvd-easgd-train=hvd_easgd.train:main",
-            "hvd-easgd-plot=hvd_easgd.plot:main",
-            "hvd-easgd-sweep=hvd_easgd.sweep:main",
+            "hvd-easgd-train=hvd_easgd.train.cli:main",
+            "hvd-easgd-plot=hvd_easgd.train.plot:main",
+            "hvd-easgd-sweep=hvd_easgd.train.sweep:main",
         ],
     },
     classifiers=[

@@ -6,7 +6,7 @@ Run under Horovod; every configuration trains inside this ONE job, one after the
         --json runs/bench/accuracy.json --png runs/bench/accuracy.png
 
 Data: scikit-learn's bundled digits (real data, no download), each worker its own shard
-(``hvd_easgd.data.train_loader``); model: ``digits_net``. Methods, all with L2 weight decay
+(``hvd_easgd.train.data.train_loader``); model: ``digits_net``. Methods, all with L2 weight decay
 1e-4 and batch ``--batch`` per worker, the same budget of samples per worker, the same
 initialisation (``--seed``) and the same data order:
 
@@ -184,8 +184,8 @@ def center_error(model: torch.nn.Module, loader) -> float:
 def run_config(config: Config, args: argparse.Namespace, bundle, total_steps: int,
                eval_every: int) -> Dict[str, Any]:
     """Train one configuration; return its history of (seconds, steps, center test error)."""
-    from hvd_easgd.data import eval_loader, train_loader
-    from hvd_easgd.models import build_model
+    from hvd_easgd.train.data import eval_loader, train_loader
+    from hvd_easgd.train.models import build_model
 
     rank, size = hvd.rank(), hvd.size()
     torch.manual_seed(args.seed)
@@ -333,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     args = parse_args(argv)
     hvd.init()
     setup_worker(args.threads)
-    from hvd_easgd.data import build_datasets
+    from hvd_easgd.train.data import build_datasets
 
     rank, size = hvd.rank(), hvd.size()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)

@@ -16,7 +16,7 @@ threads and synthetic data (``benchmarks/common.py``) in four kinds of job:
    ``PostLocalSGDOptimizer`` does after its warm-up: one parameter allreduce every T steps);
 3. ``hvd-default`` (``benchmarks/throughput.py`` under ``horovodrun --gloo``, Horovod's own
    runtime defaults): ``hvd-sgd`` (``hvd.DistributedOptimizer``) and the in-job ``no-comm``;
-4. ``hvd-easgd`` (the same, with hvd-easgd's Horovod settings, ``hvd_easgd/tuning.py``, as the
+4. ``hvd-easgd`` (the same, with hvd-easgd's Horovod settings, ``hvd_easgd/optim/tuning.py``, as the
    trainer and the launchers apply them): ``easgd-sync-tauT``, ``easgd-async-tauT`` and the
    in-job ``no-comm``.
 
@@ -841,7 +841,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit("run baselines.py as a plain program: it starts horovodrun itself")
     if args.render:
         return rerender(args.render)
-    from hvd_easgd import tuning
+    from hvd_easgd.optim import tuning
 
     args.tuned_vars = list(tuning.HOROVOD_SETTINGS)
     hvdrun = Path(args.python).with_name("horovodrun")

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     hvd.init()
     import hvd_easgd
-    from hvd_easgd.center import restore_commit, take_commit
+    from hvd_easgd.optim.center import restore_commit, take_commit
 
     spec = model_spec(args.model)
     model = spec.build()

@@ -65,7 +65,7 @@ class ModelSpec:
 def model_spec(name: str, hidden: int = HEAVY_HIDDEN) -> ModelSpec:
     """``cifar``: the paper's CIFAR-10 net at 28x28; ``heavy``: :func:`heavy_mlp`."""
     if name == "cifar":
-        from hvd_easgd.models import build_model
+        from hvd_easgd.train.models import build_model
 
         return ModelSpec("cifar", lambda: build_model("cifar_paper", 10), (3, 28, 28), 10, 128)
     if name == "heavy":

@@ -10,8 +10,8 @@ communication-heavy model (``--hidden`` sets its width):
   round's ops), which measures what one pass over parameter-sized memory (one *stream*) costs
   on this machine;
 - the local math of one round, exactly as :class:`hvd_easgd.ElasticOptimizer` (method ``easgd``)
-  does it now, by calling the real :class:`~hvd_easgd.center.CenterState`,
-  :class:`~hvd_easgd.elastic.ElasticRule` and :class:`~hvd_easgd.flat.FlatGroup` methods on a
+  does it now, by calling the real :class:`~hvd_easgd.optim.center.CenterState`,
+  :class:`~hvd_easgd.optim.rules.ElasticRule` and :class:`~hvd_easgd.optim.flat.FlatGroup` methods on a
   ``CenterState`` built the way the optimizer builds it:
 
   - sync mode: ``seal(slot, from_live=True)`` (``d = x - c`` written straight into the round
@@ -118,14 +118,14 @@ class RoundMath:
     Built as the optimizer builds it (``group_tensors`` of the named parameters, a
     ``CenterState`` with 1 round slot in sync mode and 2 in async mode, ``reset_from_live``,
     ``allocate_rounds``); each method is one piece of the optimizer's round, calling the same
-    methods with the same arguments (``Rounds._start``/``_seal``/``apply`` in ``hvd_easgd.rounds``).
+    methods with the same arguments (``Rounds._start``/``_seal``/``apply`` in ``hvd_easgd.optim.rounds``).
     ``totals`` stands for the allreduce's output: a separate buffer holding a realistic sum.
     """
 
     def __init__(self, model: torch.nn.Module, mode: str, alpha: float, world: int) -> None:
-        from hvd_easgd.center import CenterState
-        from hvd_easgd.elastic import ElasticRule, buffer_rule
-        from hvd_easgd.flat import group_tensors
+        from hvd_easgd.optim.center import CenterState
+        from hvd_easgd.optim.rules import ElasticRule, buffer_rule
+        from hvd_easgd.optim.flat import group_tensors
 
         self.groups = group_tensors(list(model.named_parameters()), [])
         self.state = CenterState(self.groups, velocity=False, average=False,
@@ -300,11 +300,11 @@ def process_cpu() -> float:
 
 def time_allreduces(model: torch.nn.Module, repeats: int) -> List[Row]:
     """The round's allreduce of a parameter-sized flat buffer, fp32 and fp16, as the optimizer
-    starts it (:class:`hvd_easgd.comm.Communicator`: Horovod's output and the fp16 casts kept
+    starts it (:class:`hvd_easgd.optim.exchange.Communicator`: Horovod's output and the fp16 casts kept
     from round to round) and as ``hvd.grouped_allreduce_async`` with Horovod's compressor does
     (new tensors every call). Each row also has the process's CPU time per call: a new 100 MB
     output costs page faults and an ``munmap`` on top of the copy and the sum."""
-    from hvd_easgd.comm import Communicator, ExchangeStats
+    from hvd_easgd.optim.exchange import Communicator, ExchangeStats
 
     flat = flat_copy(model)
     counter = iter(range(10**9))

@@ -82,8 +82,8 @@ def make_optimizer(method: str, tau: int, model: torch.nn.Module, lr: float):
 
 def run_one(method: str, tau: int, seed: int, args, bundle, total_steps: int,
             eval_every: int) -> Dict[str, Any]:
-    from hvd_easgd.data import eval_loader, train_loader
-    from hvd_easgd.models import build_model
+    from hvd_easgd.train.data import eval_loader, train_loader
+    from hvd_easgd.train.models import build_model
 
     rank, size = hvd.rank(), hvd.size()
     torch.manual_seed(seed)
@@ -118,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     hvd.init()
     setup_worker(args.threads)
-    from hvd_easgd.data import build_datasets
+    from hvd_easgd.train.data import build_datasets
 
     rank, size = hvd.rank(), hvd.size()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)

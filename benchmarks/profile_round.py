@@ -153,30 +153,30 @@ def any_of(*matches: Match) -> Match:
 
 #: Training-thread anchors: a sample belongs to the category of its *innermost* anchored frame.
 TRAINING_RULES: List[Tuple[str, Match]] = [
-    ("round: snapshot (gather)", py("CenterState.snapshot", "hvd_easgd/center.py")),
-    ("round: seal (d = x - c)", py("CenterState.seal", "hvd_easgd/center.py")),
+    ("round: snapshot (gather)", py("CenterState.snapshot", "hvd_easgd/optim/center.py")),
+    ("round: seal (d = x - c)", py("CenterState.seal", "hvd_easgd/optim/center.py")),
     ("round: finiteness check", any_of(py("CenterState.round_is_finite"),
                                        py("CenterState.locally_finite"))),
-    ("round: rule (center update)", any_of(py("ElasticRule.apply", "hvd_easgd/elastic.py"),
+    ("round: rule (center update)", any_of(py("ElasticRule.apply", "hvd_easgd/optim/rules.py"),
                                            py("OuterRule.apply"),
                                            py("update_center_average"))),
-    ("round: pull (scatter_add)", py("FlatGroup.scatter_add", "hvd_easgd/flat.py")),
+    ("round: pull (scatter_add)", py("FlatGroup.scatter_add", "hvd_easgd/optim/flat.py")),
     ("round: start (enqueue allreduce)", any_of(py("Communicator.start"),
                                                 py("BackgroundExchange.submit"))),
     ("round: wait", any_of(py("Communicator.wait"), py("wait_for_handle"),
                            py("BackgroundExchange.collect"))),
     ("round: non-finite recovery", any_of(py("skip_round"), py("nonfinite_ranks"),
                                           py("CenterState.bad_ranks"))),
-    ("EASGD step bookkeeping", any_of(in_file("hvd_easgd/optimizer.py"),
-                                      in_file("hvd_easgd/rounds.py"),
-                                      in_file("hvd_easgd/recovery.py"))),
+    ("EASGD step bookkeeping", any_of(in_file("hvd_easgd/optim/optimizer.py"),
+                                      in_file("hvd_easgd/optim/rounds.py"),
+                                      in_file("hvd_easgd/optim/recovery.py"))),
     ("local optimizer step", in_file("torch/optim/", exclude="torch/optim/optimizer.py")),
     ("zero_grad", lambda f: f.python and f.function.endswith("zero_grad")),
     ("backward", any_of(in_file("torch/autograd/"), py("Tensor.backward"))),
     ("forward + loss", in_file("torch/nn/")),
     ("benchmark: setup / between windows", any_of(
         py("make_optimizer"), py("wait_submitted"), named("ElasticOptimizer.__init__"),
-        py("barrier"), in_file("hvd_easgd/checks.py"))),
+        py("barrier"), in_file("hvd_easgd/optim/checks.py"))),
     ("benchmark: instrumentation", in_file("benchmarks/common.py")),
 ]
 

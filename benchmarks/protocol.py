@@ -110,7 +110,7 @@ class ProtocolSettings:
 def protocol_methods() -> Tuple[str, ...]:
     """PROTOCOL_METHODS, plus DiLoCo when hvd_easgd offers ``method="diloco"``."""
     try:
-        from hvd_easgd.outer import OUTER_METHODS
+        from hvd_easgd.optim.outer import OUTER_METHODS
     except ImportError:
         return PROTOCOL_METHODS
     return PROTOCOL_METHODS + (("diloco",) if "diloco" in OUTER_METHODS else ())
@@ -128,7 +128,7 @@ def check_protocol_args(args: argparse.Namespace, p: argparse.ArgumentParser) ->
     args.steps = args.steps or (40 if quick else PROTOCOL_STEPS)
     args.eval_every = args.eval_every or (8 if quick else PROTOCOL_EVAL_EVERY)
     if "diloco" in args.methods and "diloco" not in protocol_methods():
-        p.error("--methods diloco: this hvd_easgd has no method='diloco' (hvd_easgd/outer.py)")
+        p.error("--methods diloco: this hvd_easgd has no method='diloco' (hvd_easgd/optim/outer.py)")
     if any(w < 1 for w in args.workers) or any(t < 1 for t in args.taus) or args.seeds < 1 \
             or args.steps < 1 or args.eval_every < 1 or args.batch < 1:
         p.error("--workers, --taus, --seeds, --steps, --eval-every and --batch must be >= 1")
@@ -168,7 +168,7 @@ def split_task(task: Task) -> Tuple[Any, Any, Any]:
     from sklearn.model_selection import train_test_split
     from torch.utils.data import TensorDataset
 
-    from hvd_easgd.data import build_datasets
+    from hvd_easgd.train.data import build_datasets
 
     bundle = build_datasets("digits")
     x, y = bundle.train.tensors
@@ -188,7 +188,7 @@ def split_task(task: Task) -> Tuple[Any, Any, Any]:
 
 
 def task_data(task: Task) -> TaskData:
-    from hvd_easgd.data import eval_loader
+    from hvd_easgd.train.data import eval_loader
 
     rank, size = hvd.rank(), hvd.size()
     train, val, test = split_task(task)
@@ -220,8 +220,8 @@ def protocol_run(config: Config, lr: float, seed: int, data: TaskData,
                  settings: ProtocolSettings) -> Dict[str, Any]:
     """One run: the same initial model as every other run; ``seed`` sets data order and
     dropout. History of (training seconds, steps, validation error, test error)."""
-    from hvd_easgd.data import train_loader
-    from hvd_easgd.models import build_model
+    from hvd_easgd.train.data import train_loader
+    from hvd_easgd.train.models import build_model
 
     torch.manual_seed(INIT_SEED)
     model = build_model("digits_net", data.num_classes, in_channels=1)
@@ -254,7 +254,7 @@ def train_for(model, opt, train, settings: ProtocolSettings, evaluate,
               history: List[tuple]) -> bool:
     """Train ``settings.steps`` steps, evaluating every ``eval_every``; True if it diverged
     (a non-finite loss on any worker, or hvd_easgd's NonFiniteError on every worker alike)."""
-    from hvd_easgd.recovery import NonFiniteError
+    from hvd_easgd.optim.recovery import NonFiniteError
 
     clock, step, epoch = 0.0, 0, 0
     while step < settings.steps:
@@ -405,7 +405,7 @@ def launch_protocol_job(args: argparse.Namespace, workers: int, out: Path) -> No
            "--more-workers-tasks", *args.more_workers_tasks] + (["--quick"] if args.quick else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     # A small model whose rounds come as often as every step: Horovod's 1 ms cycle, not the
-    # 20 ms hvd-easgd picks for large models with rare rounds (hvd_easgd/tuning.py).
+    # 20 ms hvd-easgd picks for large models with rare rounds (hvd_easgd/optim/tuning.py).
     env.setdefault("HOROVOD_CYCLE_TIME", "1")
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)

@@ -383,7 +383,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--math-passes", type=float, default=8,
                    help="EASGD round: elementwise passes over the parameters (read+write each)")
     p.add_argument("--easgd-cycle-ms", type=float, default=None,
-                   help="HOROVOD_CYCLE_TIME of EASGD jobs (default: hvd_easgd.tuning's)")
+                   help="HOROVOD_CYCLE_TIME of EASGD jobs (default: hvd_easgd.optim.tuning's)")
     p.add_argument("--sgd-cycle-ms", type=float, default=1.0,
                    help="HOROVOD_CYCLE_TIME of the sync SGD job (Horovod's default)")
     p.add_argument("--json", default=None)
@@ -401,7 +401,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.easgd_cycle_ms is None:
-        from hvd_easgd.tuning import HOROVOD_SETTINGS
+        from hvd_easgd.optim.tuning import HOROVOD_SETTINGS
 
         args.easgd_cycle_ms = float(HOROVOD_SETTINGS.get("HOROVOD_CYCLE_TIME", 1))
     return args

@@ -127,7 +127,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "benchmarks/baselines.py rotates it between its repetitions)")
     p.add_argument("--horovod-defaults", action="store_true",
                    help="keep Horovod's own runtime defaults instead of applying hvd-easgd's "
-                        "recommended settings (hvd_easgd.tuning; HVD_EASGD_TUNE=0 does the same)")
+                        "recommended settings (hvd_easgd.optim.tuning; HVD_EASGD_TUNE=0 does the same)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here (rank 0)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.reps < 1 or args.warmup < 0:
@@ -356,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     # What hvd-easgd-train and the launchers do: hvd-easgd's Horovod settings (a longer
     # background cycle), unless the user set them or disabled them (HVD_EASGD_TUNE=0).
-    from hvd_easgd import tuning
+    from hvd_easgd.optim import tuning
 
     applied = {} if args.horovod_defaults else tuning.apply_horovod_settings()
     horovod_settings = tuning.effective_settings()

@@ -51,7 +51,7 @@ _hvd_default HOROVOD_CACHE_CAPACITY 1024
 # parameters are ~230 MB, so a round takes 4 fused allreduces).
 _hvd_default HOROVOD_FUSION_THRESHOLD 67108864
 # ms between Horovod's background cycles. Horovod's default is 1; EASGD makes one allreduce every
-# tau steps, so hvd-easgd uses 20 (hvd_easgd/tuning.py: fewer negotiation round trips and
+# tau steps, so hvd-easgd uses 20 (hvd_easgd/optim/tuning.py: fewer negotiation round trips and
 # wake-ups competing with training, at most 20 ms of delay per round). HVD_EASGD_TUNE=0 leaves
 # it to Horovod. On GPUs, for synchronous SGD (hvd.DistributedOptimizer) or sync EASGD with a
 # small tau, export a shorter cycle (1-5 ms): there a step takes only tens of milliseconds.

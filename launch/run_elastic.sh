@@ -60,7 +60,7 @@ fi
 # The recipe's elastic.min_np / max_np (python: the one of the environment that runs TRAIN).
 read -r recipe_min recipe_max < <("${PYTHON:-python}" - "$CONFIG" <<'PY'
 import sys
-from hvd_easgd.config import load_config
+from hvd_easgd.train.config import load_config
 e = load_config(sys.argv[1]).elastic
 print(e.min_np or "-", e.max_np or "-")
 PY

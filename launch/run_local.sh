@@ -18,7 +18,7 @@
 #   CLUSTER_ENV      a file to source first, e.g. launch/cluster_env.sh on a GPU machine []
 #   DRY_RUN=1        print the exact command instead of running it
 #   HOROVOD_CYCLE_TIME  [20] and HVD_EASGD_TUNE=0 (export none of hvd-easgd's Horovod
-#                    settings): see run_multinode.sh and hvd_easgd/tuning.py
+#                    settings): see run_multinode.sh and hvd_easgd/optim/tuning.py
 # This is run_multinode.sh with the single host localhost:NP.
 set -euo pipefail
 

@@ -23,7 +23,7 @@
 #   CLUSTER_ENV       file sourced first; empty to skip [launch/cluster_env.sh]
 #   TRAIN, HOROVODRUN, HOROVODRUN_ARGS, DRY_RUN=1   as in run_local.sh
 #   HOROVOD_CYCLE_TIME  Horovod's background cycle in ms [20: hvd-easgd's setting for EASGD
-#                     jobs, hvd_easgd/tuning.py; Horovod's own default is 1]; a recipe's
+#                     jobs, hvd_easgd/optim/tuning.py; Horovod's own default is 1]; a recipe's
 #                     horovod.cycle_time_ms replaces this default, never yours
 #   HVD_EASGD_TUNE=0  export none of hvd-easgd's Horovod settings (keep Horovod's defaults)
 set -euo pipefail
@@ -69,7 +69,7 @@ if [[ -n "$CLUSTER_ENV" ]]; then
     source "$CLUSTER_ENV"
 fi
 
-# hvd-easgd's Horovod settings for EASGD jobs (hvd_easgd/tuning.py: one allreduce every tau
+# hvd-easgd's Horovod settings for EASGD jobs (hvd_easgd/optim/tuning.py: one allreduce every tau
 # steps, so Horovod's background thread need not wake and negotiate every millisecond). A value
 # exported before (or by CLUSTER_ENV) wins; horovodrun passes them on to every worker. Our
 # defaults are named in HVD_EASGD_DEFAULTED: the trainer replaces them by a recipe's.

@@ -114,7 +114,7 @@ def build_optimizer(case: Case, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=0.05, weight_decay=1e-2)
     if case.opt == "nesterov":
         return torch.optim.SGD(params, lr=0.01, momentum=0.99, nesterov=True, weight_decay=1e-3)
-    if case.opt == "adamw":  # DiLoCo's inner optimizer (tests/test_outer.py)
+    if case.opt == "adamw":  # DiLoCo's inner optimizer (tests/optim/test_outer.py)
         return torch.optim.AdamW(params, lr=0.01, weight_decay=1e-2)
     raise ValueError(case.opt)
 

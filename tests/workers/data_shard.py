@@ -1,4 +1,4 @@
-"""Worker for tests/test_data.py: each Horovod worker reports the samples its loaders give it."""
+"""Worker for tests/train/test_data.py: each Horovod worker reports the samples its loaders give it."""
 
 import argparse
 import os
@@ -10,7 +10,7 @@ import horovod.torch as hvd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from hvd_easgd.data import build_datasets, eval_loader, train_loader  # noqa: E402
+from hvd_easgd.train.data import build_datasets, eval_loader, train_loader  # noqa: E402
 from tests.hvdrun import write_rank_result  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_hardening.py: many scenarios in ONE `horovodrun -np 2` job (issue 15).
+"""Worker for tests/optim/test_hardening.py: many scenarios in ONE `horovodrun -np 2` job (issue 15).
 
 `--cases` is a JSON list of items {"kind": ..., ...}, run in order (an item that raises is
 reported, not raised):
@@ -123,13 +123,13 @@ def run_mixed(item, rank):
 
 
 def run_regrow(item, rank):
-    from hvd_easgd.train import run
+    from hvd_easgd.train.cli import run
 
     out = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for label in ("a", "b"):
-            from hvd_easgd.config import load_config
+            from hvd_easgd.train.config import load_config
 
             cfg = load_config(item["recipe"], item["overrides"] + item[f"extra_{label}"])
             summary = run(cfg, run_dir=item[f"dir_{label}"], resume=True)

@@ -7,7 +7,7 @@ Rank 1 (only) builds a different model for each variant in `--what` (comma separ
 - "tau", "beta", "method", "mode": rank 1 wraps with another EASGD setting,
 - "same": no difference (construction must succeed: the check is not over-eager).
 Each rank writes, per variant, whether construction raised and the message. (The sync jobs of
-tests/test_optimizer.py run these variants as "mismatch" items, through `run_mismatch`.)
+tests/optim/test_optimizer.py run these variants as "mismatch" items, through `run_mismatch`.)
 """
 
 import torch

@@ -18,8 +18,8 @@ from opt_common import (
 )
 
 import hvd_easgd
-from hvd_easgd import recovery
-from hvd_easgd.center import restore_commit, take_commit
+from hvd_easgd.optim import recovery
+from hvd_easgd.optim.center import restore_commit, take_commit
 from tests.reference import build_model, build_optimizer
 from opt_common import wrapper_kwargs
 

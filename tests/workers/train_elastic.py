@@ -15,8 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from hvd_easgd.config import load_config  # noqa: E402
-from hvd_easgd.train import run  # noqa: E402
+from hvd_easgd.train.config import load_config  # noqa: E402
+from hvd_easgd.train.cli import run  # noqa: E402
 from tests.hvdrun import write_json_atomic  # noqa: E402
 
 

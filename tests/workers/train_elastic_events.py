@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from hvd_easgd.config import load_config  # noqa: E402
+from hvd_easgd.train.config import load_config  # noqa: E402
 from tests.hvdrun import write_json_atomic  # noqa: E402
 
 HOST = os.environ.get("HOROVOD_HOSTNAME", "unknown")
@@ -74,7 +74,7 @@ class HostNotices:
 
 def record_syncs(run_dir: Path) -> None:
     """Make the trainer's elastic state append one line per sync to RUN_DIR/syncs-ME.jsonl."""
-    import hvd_easgd.trainer as trainer_module
+    import hvd_easgd.train.trainer as trainer_module
 
     make = trainer_module.trainer_state_class
 
@@ -139,7 +139,7 @@ def main():
             notices.wait(notices.added, "a host added")
             waited[0] = SYNCS[0]
 
-    from hvd_easgd.train import run
+    from hvd_easgd.train.cli import run
 
     summary = run(load_config(args.config, args.overrides), run_dir=run_dir, resume=args.resume,
                   on_step=on_step)

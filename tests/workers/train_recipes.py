@@ -1,4 +1,4 @@
-"""Worker script for tests/test_recipes.py: every recipe, a few steps on tiny fake data, in ONE job.
+"""Worker script for tests/train/test_recipes.py: every recipe, a few steps on tiny fake data, in ONE job.
 
 A recipe with communication rounds runs tau + 1 steps, so at least one round happens.
 
@@ -28,8 +28,8 @@ torch.set_num_threads(1)
 
 import horovod.torch as hvd  # noqa: E402
 
-from hvd_easgd.config import load_config  # noqa: E402
-from hvd_easgd.train import run  # noqa: E402
+from hvd_easgd.train.config import load_config  # noqa: E402
+from hvd_easgd.train.cli import run  # noqa: E402
 from tests.hvdrun import write_rank_result  # noqa: E402
 
 #: model -> (channels, side) of the smallest input it takes (the paper's nets: no layer vanishes)
@@ -60,7 +60,7 @@ def smoke_overrides(cfg) -> list:
         "data.fake_test_size=8", "data.fake_num_classes=10",
         "train.batch_size=2", f"train.max_steps={steps}", "train.eval_batch_size=4", "train.max_eval_batches=1",
         "train.device=cpu", "train.threads=1", "log.every=2", "log.progress=false", "log.tensorboard=true",
-        "launch.np=null", "elastic.enabled=false",  # elastic runs: tests/test_elastic.py
+        "launch.np=null", "elastic.enabled=false",  # elastic runs: tests/optim/test_horovod_elastic.py
     ]
     if big:  # the whole path once, at the end; no checkpoint of 2 x ~20M parameters
         out += ["train.eval_every=0", "train.eval_local=false", "checkpoint.every=0", "checkpoint.at_end=false"]

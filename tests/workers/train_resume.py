@@ -1,4 +1,4 @@
-"""Worker script for tests/test_train.py: interrupted and resumed training runs on digits.
+"""Worker script for tests/train/test_cli.py: interrupted and resumed training runs on digits.
 
 Phases (each a separate horovodrun job, so a resume really starts from the files):
   first   for every case: an uninterrupted run (RUN/<case>/full) and a run that is stopped after
@@ -26,8 +26,8 @@ torch.set_num_threads(1)
 
 import horovod.torch as hvd  # noqa: E402
 
-from hvd_easgd.config import load_config  # noqa: E402
-from hvd_easgd.train import RESUME_BROADCAST_ENV, TrainingStopped, run  # noqa: E402
+from hvd_easgd.train.config import load_config  # noqa: E402
+from hvd_easgd.train.cli import RESUME_BROADCAST_ENV, TrainingStopped, run  # noqa: E402
 from tests.hvdrun import write_rank_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "demo" / "digits.yaml"
