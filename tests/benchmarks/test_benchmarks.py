@@ -95,38 +95,5 @@ def test_accuracy_runs_every_configuration_from_the_same_init(tmp_path):
     assert payload["findings"] and png.stat().st_size > 10_000
 
 
-def test_micro_single_process(tmp_path):
-    out = tmp_path / "micro.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/micro.py", "--hidden", str(HIDDEN), "--repeats", "2",
-         "--json", str(out)],
-        cwd=str(REPO), env=worker_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
-    pieces = {p["piece"]: p for p in payload["pieces"]}
-    for needle in ("seal(from_live=True)", "snapshot", "round_is_finite",
-                   "ElasticRule.apply (easgd", "scatter_add", "allreduce (fp32)", "plain SGD",
-                   "bandwidth probe", "ElasticOptimizer.step, tau=1 "):
-        assert any(needle in p for p in pieces), needle
-    assert payload["config"]["parameters"] == HEAVY_PARAMS
-    assert all(p["ms"] > 0 for p in payload["pieces"])
-    # Each mode's round is timed whole, and its memory-traffic floor is the sum of its
-    # pieces' streams: sync 3 + 1 + 3 + 3, async 2 + 3 + 1 + 3 + 3, the plain step 8.
-    summary = payload["summary"]
-    assert (summary["sync"]["streams"], summary["async"]["streams"]) == (10, 12)
-    assert summary["plain_streams"] == 8
-    assert summary["sync"]["streams_over_plain"] == 10 / 8
-    sync = next(p for n, p in pieces.items() if n.startswith("round's local math, sync"))
-    assert sync["x_plain_step"] == pytest.approx(summary["sync"]["local_math_over_plain_step"])
-    assert "piece |" in proc.stdout and "allreduce (fp32)" in proc.stdout
-    assert "round's local math, async" in proc.stdout and "x a plain step" in proc.stdout
-    # the optimizer's allreduce (kept output) beside Horovod's (a new one per call), with CPU
-    cpu = summary["allreduce_cpu_ms"]
-    assert len(cpu) == 4 and all(v >= 0 for v in cpu.values())
-    assert any("Communicator (kept output)" in k for k in cpu)
-    assert any("new output per call" in k for k in cpu)
-    assert "CPU per allreduce" in proc.stdout
-
-
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -424,27 +424,3 @@ def test_check_predicts_every_row_from_the_probe(tmp_path, monkeypatch):
     for x in pred.values():
         assert x["predicted_exposed"] <= x["predicted_ideal"] + 1e-9
         assert x["error_vs_ideal"] == pytest.approx(x["measured"] / x["predicted_ideal"] - 1)
-
-
-# ------------------------------------------------------------------ launch_cost.py --quick
-
-
-def test_launch_cost_takes_horovods_cost_apart(tmp_path):
-    """Each variant runs as it says: plain processes, horovodrun without hvd.init(), ranks
-    that initialise Horovod alone, a real 2-rank job; ratios follow from the samples/s."""
-    out = tmp_path / "launch.json"
-    proc = subprocess.run([sys.executable, "benchmarks/launch_cost.py", "--quick", "--json",
-                           str(out)], cwd=str(REPO), env=worker_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["plain", "horovodrun", "init-alone", "init-job"]
-    how = {v: [(r["horovod_size"], r["launched_by_horovodrun"]) for r in row["ranks"]]
-           for v, row in rows.items()}
-    assert how == {"plain": [(None, False)] * 2, "horovodrun": [(None, True)] * 2,
-                   "init-alone": [(1, False)] * 2, "init-job": [(2, True)] * 2}
-    plain = rows["plain"]["per_rep_samples_per_sec"][0]
-    for v, row in rows.items():
-        assert row["per_rep_vs_plain"][0] == pytest.approx(
-            row["per_rep_samples_per_sec"][0] / plain)
-        assert f"| {v} |".replace(" ", "") in proc.stdout.replace(" ", "")
