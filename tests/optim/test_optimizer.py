@@ -443,6 +443,29 @@ def test_allreduce_counter_counts_each_call_once(hvd1):
 
 
 @pytest.mark.timeout(60)
+def test_collective_meter_records_family_process_set_and_bytes(hvd1):
+    """The instrument of the byte and call counts: each collective once, with its process
+    set's ranks and the bytes of the tensors handed in (whatever entry point)."""
+    import horovod.torch.mpi_ops as mpi_ops
+
+    from tests.workers.opt_common import Collective, CollectiveMeter
+
+    t = torch.ones(3)
+    with CollectiveMeter() as meter:
+        hvd1.allreduce(t, name="m1")
+        hvd1.allgather(t.double(), name="m2")
+        hvd1.broadcast_(t.clone(), root_rank=0, name="m3")
+        out = [torch.empty(3), torch.empty(2)]
+        hvd1.synchronize(mpi_ops._grouped_allreduce_async(
+            [t, torch.ones(2)], out, "m4", hvd1.Sum, 1.0, 1.0, mpi_ops.global_process_set))
+    hvd1.allreduce(t, name="m5")  # uninstalled
+    assert meter.calls == [Collective("allreduce", (0,), 12), Collective("allgather", (0,), 24),
+                           Collective("broadcast", (0,), 12), Collective("allreduce", (0,), 20)]
+    assert meter.bytes_by_ranks() == {(0,): 68}
+    assert meter.calls_of("allreduce") == 2 and meter.calls_of("broadcast") == 1
+
+
+@pytest.mark.timeout(60)
 def test_alpha_beta_resolution(hvd1):
     import hvd_easgd
 

@@ -7,11 +7,13 @@ replay the same configuration in the single-process reference.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,69 +48,115 @@ def init():
 
 
 # ------------------------------------------------------------------------------------------
-# Allreduce counting: wrap Horovod's real functions (public names in horovod.torch and
-# horovod.torch.mpi_ops, plus the private dispatchers all of them go through). Nested calls
-# (allreduce -> allreduce_async -> _allreduce_async) count once.
+# Metering collectives from outside: wrap Horovod's real functions (the public names in
+# horovod.torch and horovod.torch.mpi_ops, plus the private dispatchers they all go through,
+# which the product may call directly). The product looks these up on the module at call time,
+# so every collective it starts, on any thread, passes through a wrapper. Nested calls
+# (allreduce -> allreduce_async -> _allreduce_async) are recorded once, by the outermost.
 # ------------------------------------------------------------------------------------------
 
-_COUNTED = (
-    "allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
-    "grouped_allreduce", "grouped_allreduce_async", "grouped_allreduce_",
-    "grouped_allreduce_async_",
-)
-_PRIVATE = ("_allreduce_async", "_grouped_allreduce_async")
+_FAMILIES = {
+    "allreduce": ("allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
+                  "grouped_allreduce", "grouped_allreduce_async", "grouped_allreduce_",
+                  "grouped_allreduce_async_", "_allreduce_async", "_grouped_allreduce_async"),
+    "allgather": ("allgather", "allgather_async", "grouped_allgather", "grouped_allgather_async",
+                  "_allgather_async", "_grouped_allgather_async"),
+    "broadcast": ("broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
+                  "_broadcast_async"),
+}
 
 
-class AllreduceCounter:
-    def __init__(self):
-        self.count = 0
+@dataclass(frozen=True)
+class Collective:
+    """One collective handed to Horovod: its family, the ranks of its process set and the bytes
+    of the tensors this worker handed in."""
+
+    family: str
+    ranks: tuple
+    nbytes: int
+
+
+def _tensors_of(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class CollectiveMeter:
+    """Records every collective this process hands to Horovod while installed (a context
+    manager). Thread-safe: the async exchange thread's collectives are recorded too."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
         self._lock = threading.Lock()
-        self._tls = threading.local()
-        self._saved = []
-        self.installed = False
+        self._depth = threading.local()
+        self._saved: list = []
 
-    def _wrap(self, fn):
-        counter = self
+    def calls_of(self, family: str) -> int:
+        """How many collectives of ``family`` ("allreduce", "allgather", "broadcast")."""
+        with self._lock:
+            return sum(1 for c in self.calls if c.family == family)
+
+    def bytes_by_ranks(self) -> dict:
+        """{ranks of a process set: bytes handed to collectives over it}, every family."""
+        out: dict = {}
+        with self._lock:
+            for c in self.calls:
+                out[c.ranks] = out.get(c.ranks, 0) + c.nbytes
+        return out
+
+    def _record(self, family: str, signature, args, kwargs) -> None:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        first = bound.get("tensor", bound.get("tensors"))
+        nbytes = sum(t.numel() * t.element_size() for t in _tensors_of(first))
+        process_set = bound.get("process_set", mpi_ops.global_process_set)
+        ranks = tuple(process_set.ranks) if process_set.ranks is not None else ()
+        with self._lock:
+            self.calls.append(Collective(family, ranks, nbytes))
+
+    def _wrap(self, family: str, fn):
+        meter, signature = self, inspect.signature(fn)
 
         def wrapper(*args, **kwargs):
-            depth = getattr(counter._tls, "depth", 0)
+            depth = getattr(meter._depth, "n", 0)
             if depth == 0:
-                with counter._lock:
-                    counter.count += 1
-            counter._tls.depth = depth + 1
+                meter._record(family, signature, args, kwargs)
+            meter._depth.n = depth + 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                counter._tls.depth = depth
+                meter._depth.n = depth
 
         wrapper.__wrapped__ = fn
         return wrapper
 
-    def install(self):
-        assert not self.installed
-        originals = {}
-        for name in _COUNTED + _PRIVATE:
-            originals[name] = getattr(mpi_ops, name)
-        wrapped = {name: self._wrap(fn) for name, fn in originals.items()}
-        for mod in (hvd, mpi_ops):
-            for name in _COUNTED + _PRIVATE:
-                if hasattr(mod, name):
-                    self._saved.append((mod, name, getattr(mod, name)))
-                    setattr(mod, name, wrapped[name])
-        self.installed = True
+    def install(self) -> "CollectiveMeter":
+        assert not self._saved, "already installed"
+        for family, names in _FAMILIES.items():
+            for name in names:
+                wrapped = self._wrap(family, getattr(mpi_ops, name))
+                for mod in (hvd, mpi_ops):
+                    if hasattr(mod, name):
+                        self._saved.append((mod, name, getattr(mod, name)))
+                        setattr(mod, name, wrapped)
         return self
 
-    def uninstall(self):
+    def uninstall(self) -> None:
         for mod, name, fn in reversed(self._saved):
             setattr(mod, name, fn)
         self._saved.clear()
-        self.installed = False
 
-    def __enter__(self):
+    def __enter__(self) -> "CollectiveMeter":
         return self.install()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.uninstall()
+
+
+class AllreduceCounter(CollectiveMeter):
+    """A :class:`CollectiveMeter` read as one number: the allreduces so far."""
+
+    @property
+    def count(self) -> int:
+        return self.calls_of("allreduce")
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,7 +276,7 @@ def cases_from(args) -> list:
 
 __all__ = [
     "run_items",
-    "hvd", "mpi_ops", "hvd_easgd", "torch", "os", "json", "Case", "AllreduceCounter",
+    "hvd", "mpi_ops", "hvd_easgd", "torch", "os", "json", "Case", "AllreduceCounter", "CollectiveMeter", "Collective",
     "parse_args", "init", "build", "wrapper_kwargs", "center_list", "snapshot", "stats_dict",
     "counters", "train_steps", "error_text", "float_buffers_list", "write", "cases_from",
 ]
