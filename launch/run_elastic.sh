@@ -12,7 +12,7 @@
 # file grows or shrinks the job. A worker that fails (even SIGKILL) costs the survivors the
 # steps since the last commit (elastic.commit_every); its host is blacklisted for a cooldown
 # (BLACKLIST_COOLDOWN), then may run a worker again, which joins from the center. The trainer
-# runs with elastic.enabled=true: see README "Elastic training".
+# runs with elastic.enabled=true: see docs/elastic-training.md.
 #
 # CONFIG defaults to $CONFIG, else recipes/demo/digits_elastic.yaml. Environment [defaults]:
 #   HOSTS_FILE        host:slots lines for discover_hosts.sh [launch/hosts.txt]

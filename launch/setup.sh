@@ -10,7 +10,7 @@
 #                                has, e.g. a GPU cluster's (venv with --system-site-packages);
 #                                auto (default) reuses when importable
 #   HVD_EASGD_CACHE=~/.cache/hvd-easgd   where built Horovod wheels are kept, keyed by versions
-#   HOROVOD_GPU_OPERATIONS=NCCL  (GPU clusters) build Horovod with NCCL; see README "GPU clusters"
+#   HOROVOD_GPU_OPERATIONS=NCCL  (GPU clusters) build Horovod with NCCL; see docs/gpu-clusters.md
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
