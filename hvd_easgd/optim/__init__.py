@@ -2,7 +2,10 @@
 
 A round of EASGD reads in three files: :mod:`~hvd_easgd.optim.optimizer` decides when a round
 happens, :mod:`~hvd_easgd.optim.rounds` runs it (start, wait or overlap, apply) and
-:mod:`~hvd_easgd.optim.rules` holds the math. Nothing here imports :mod:`hvd_easgd.train`.
+:mod:`~hvd_easgd.optim.rules` holds the math. The state a round changes has one owner
+(:mod:`~hvd_easgd.optim.state`); NaN/inf workers are :mod:`~hvd_easgd.optim.guard`'s, Horovod
+Elastic's state handler :mod:`~hvd_easgd.optim.horovod_elastic`'s, and every collective goes
+through :mod:`~hvd_easgd.optim.collectives`. Nothing here imports :mod:`hvd_easgd.train`.
 
 The names below are this layer's public surface: the trainer and the benchmarks import them
 from ``hvd_easgd.optim``, never from the modules, so the modules can move. Lazy, so that
@@ -19,9 +22,9 @@ _EXPORTS = {
     "METHODS": "rules",
     "CENTER_AVERAGES": "rules",
     "ExchangeStats": "exchange",
-    "NonFiniteError": "recovery",
-    "NonFiniteWarning": "recovery",
-    "elastic_launch": "recovery",
+    "NonFiniteError": "guard",
+    "NonFiniteWarning": "guard",
+    "elastic_launch": "horovod_elastic",
     "nesterov": "outer",
     "OUTER_METHODS": "outer",
     "check_group_shape": "hierarchy",

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from hvd_easgd.optim.flat import FlatGroup
+from hvd_easgd.optim.outer import OuterFactory, build_outer, center_parameters
 
 STATE_VERSION = 1
 Views = List[List[torch.Tensor]]
@@ -41,12 +42,30 @@ class Counters:
         self.bad_history = ((self.bad_history << 1) | int(bad)) & ((1 << window) - 1)
         return bin(self.bad_history).count("1")
 
+    def count_step(self) -> None:
+        self.step += 1
+
+    def start_round(self) -> None:
+        self.round += 1
+
+    def drop_round(self) -> None:
+        """A started round that nobody applies (a Horovod Elastic reset): it never happened."""
+        self.round -= 1
+
+    def load(self, other: "Counters") -> None:
+        """Take ``other``'s values (a commit, a state dict or a resync replaces the loop state)."""
+        self.step, self.round, self.bad_history = other.step, other.round, other.bad_history
+
 
 class CenterState:
-    """The center (and its velocity / average) plus the round buffers, as flat tensors."""
+    """The center (and its velocity / average) plus the round buffers, as flat tensors.
+
+    ``outer``: the factory of the optimizer that moves the center (:mod:`hvd_easgd.optim.outer`),
+    built here over the center's tensors and kept as :attr:`outer`; None for EASGD's own rule.
+    """
 
     def __init__(self, groups: List[FlatGroup], *, velocity: bool, average: bool,
-                 slots: int) -> None:
+                 slots: int, outer: Optional[OuterFactory] = None) -> None:
         self.groups = groups
         self.where = {
             id(t): (gi, ti) for gi, g in enumerate(groups) for ti, t in enumerate(g.tensors)
@@ -58,7 +77,8 @@ class CenterState:
         self.velocity_views = self.views_of(self.velocity)
         self.average_views = self.views_of(self.averages)
         self.slots = slots
-        self.outer: Optional[torch.optim.Optimizer] = None  # hvd_easgd.optim.outer: moves the center
+        self.outer: Optional[torch.optim.Optimizer] = None if outer is None else build_outer(
+            outer, center_parameters(groups, self.center_views))
         self.rounds: List[List[torch.Tensor]] = []
         self.round_views: List[Views] = []
 

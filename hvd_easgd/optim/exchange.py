@@ -5,17 +5,13 @@ single grouped Horovod allreduce, optionally compressed on the wire (the center 
 is). The caller's thread only enqueues the request; Horovod's own background thread moves
 the bytes.
 
-Nothing is allocated per round. A fresh 100 MB output costs the process a page fault per 4 KiB
-page and an ``munmap`` when freed (glibc serves blocks over 32 MiB with ``mmap``): on 2 CPU
-workers, ``hvd.grouped_allreduce_async`` of a 25 M-parameter round took 240 ms of CPU with a
-fresh output and 125-160 ms with a kept one. :class:`WireBuffers` therefore keeps Horovod's
+Nothing is allocated per round: a fresh parameter-sized output would cost a page fault per
+page and an ``munmap`` when freed, every round. :class:`WireBuffers` therefore keeps Horovod's
 output and, for fp16 compression and bfloat16 buffers, the cast copies there and back, and hands
 them to Horovod's own out-of-place allreduce.
 
-Waiting never spins. Horovod 0.28's ``hvd.synchronize`` busy-loops (``yield`` between polls) for
-as long as the collective is on the wire, which takes a whole core from training when there are
-as many workers as cores. :meth:`Communicator.wait` instead polls the handle and sleeps between
-polls (backing off to :data:`MAX_POLL_SLEEP`), and stops early when the round is cancelled.
+Waiting never spins (:func:`hvd_easgd.optim.collectives.wait`), and stops early when the round
+is cancelled.
 
 :class:`BackgroundExchange` waits for a round on a short-lived daemon thread, so that in async
 mode the training thread only starts and applies rounds. A round can be *cancelled* (Horovod
@@ -30,18 +26,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import horovod.torch as hvd
-import horovod.torch.mpi_ops as mpi_ops
 import torch
 
-#: First and longest sleep between two polls of a collective (seconds). A round lands at most
-#: this late; rounds take milliseconds to seconds, so it costs nothing measurable.
-MIN_POLL_SLEEP = 50e-6
-MAX_POLL_SLEEP = 1e-3
-
-
-class RoundCancelled(Exception):
-    """A round was dropped (Horovod Elastic reset) while it was being waited for."""
+from hvd_easgd.optim import collectives
+from hvd_easgd.optim.collectives import Compression
 
 
 @dataclass
@@ -77,6 +65,41 @@ class ExchangeStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def count_round(self) -> None:
+        """A round handed to the wire."""
+        self.rounds += 1
+
+    def count_sent(self, nbytes: int, *, allreduce: bool) -> None:
+        """Bytes this worker handed to a collective spanning groups (``allreduce``: a round's)."""
+        self.allreduce_calls += int(allreduce)
+        self.bytes_communicated += nbytes
+        self.cross_group_bytes += nbytes
+
+    def count_group_bytes(self, nbytes: int) -> None:
+        """Bytes handed to a collective inside this worker's group (``hierarchy=``)."""
+        self.group_bytes += nbytes
+
+    def count_comm(self, seconds: float) -> None:
+        """A round's time from being handed to Horovod until its result is back."""
+        self.comm_seconds += seconds
+
+    def count_wait(self, seconds: float, stalled: bool) -> None:
+        """Time the training thread was blocked on a round, and whether it had to wait at all."""
+        self.wait_seconds += seconds
+        self.stalls += int(stalled)
+
+    def count_skipped(self) -> None:
+        self.skipped_rounds += 1
+
+    def count_dropped(self) -> None:
+        self.dropped_rounds += 1
+
+    def count_reset(self) -> None:
+        self.resets += 1
 
 
 @dataclass
@@ -115,12 +138,11 @@ class WireBuffers:
 
     def _cast(self, tensor: torch.Tensor) -> Optional[torch.dtype]:
         """The wire dtype when this class casts ``tensor`` itself, else None."""
-        if self.compression is hvd.Compression.fp16 and tensor.dtype in (torch.float32,
+        if self.compression is Compression.fp16 and tensor.dtype in (torch.float32,
                                                                           torch.float64):
             return torch.float16
-        if tensor.dtype == torch.bfloat16 and self.compression in (hvd.Compression.none,
-                                                                   hvd.Compression.fp16):
-            return torch.float32 if self.compression is hvd.Compression.none else torch.float16
+        if tensor.dtype == torch.bfloat16 and self.compression in (Compression.none, Compression.fp16):
+            return torch.float32 if self.compression is Compression.none else torch.float16
         return None
 
     def _kept_for(self, tensors: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
@@ -137,8 +159,8 @@ class WireBuffers:
         sent, outputs, contexts = [], [], []
         for tensor, kept in zip(tensors, self._kept_for(tensors)):
             dtype = self._cast(tensor)
-            known = dtype is not None or self.compression is hvd.Compression.none or (
-                self.compression is hvd.Compression.fp16 and tensor.dtype == torch.float16)
+            known = dtype is not None or self.compression is Compression.none or (
+                self.compression is Compression.fp16 and tensor.dtype == torch.float16)
             if dtype is not None:
                 wire = kept.setdefault("wire", torch.empty_like(tensor, dtype=dtype))
                 context: Any = ("cast", kept.setdefault("result", torch.empty_like(tensor)))
@@ -170,32 +192,8 @@ class WireBuffers:
         return result
 
 
-def allreduce_into(sent: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], name: str,
-                   process_set: Any) -> Any:
-    """Start Horovod's grouped sum of ``sent`` into ``outputs`` (kept buffers, not new ones).
-
-    ``hvd.grouped_allreduce_async`` allocates its outputs on every call; this is the function it
-    calls with them (Horovod 0.28), looked up at call time so tests can count real calls.
-    """
-    return mpi_ops._grouped_allreduce_async(list(sent), list(outputs), name, hvd.Sum, 1.0, 1.0,
-                                            process_set)
-
-
-def wait_for_handle(handle: Any, cancelled: Callable[[], bool] = lambda: False) -> Any:
-    """``hvd.synchronize(handle)`` without spinning: poll, sleep, back off.
-
-    Raises :class:`RoundCancelled` if ``cancelled()`` turns true first (the handle is then left
-    alone: after an elastic reset its number may belong to a new collective).
-    """
-    delay = MIN_POLL_SLEEP
-    while not hvd.poll(handle):
-        if cancelled():
-            raise RoundCancelled()
-        time.sleep(delay)
-        delay = min(2 * delay, MAX_POLL_SLEEP)
-    if cancelled():
-        raise RoundCancelled()
-    return hvd.synchronize(handle)
+def nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def average_gradients(params: Sequence[torch.Tensor], name: str,
@@ -205,42 +203,36 @@ def average_gradients(params: Sequence[torch.Tensor], name: str,
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0
-    handle = hvd.grouped_allreduce_async_(grads, op=hvd.Average, name=name,
-                                          process_set=process_set or hvd.global_process_set)
-    wait_for_handle(handle)
-    return sum(g.numel() * g.element_size() for g in grads)
+    collectives.wait(collectives.average_async_(grads, name,
+                                                process_set or collectives.GLOBAL_SET))
+    return nbytes(grads)
 
 
 class Communicator:
     """Sums flat buffers over all workers with one (compressed) grouped allreduce."""
 
-    def __init__(self, compression: Any, name: str, stats: ExchangeStats) -> None:
+    def __init__(self, compression: Any, name: str, stats: ExchangeStats,
+                 process_set: Any = collectives.GLOBAL_SET) -> None:
         self.compression = compression
         self.name = name
         self.stats = stats
-        self.process_set = hvd.global_process_set  # hvd_easgd.optim.hierarchy: EASGD among a set
+        self.process_set = process_set  # hvd_easgd.optim.hierarchy: EASGD among a set's members
         self.wire = WireBuffers(compression)
 
     def start(self, tensors: Sequence[torch.Tensor], round_index: int) -> Pending:
         sent, outputs, contexts = self.wire.send(tensors)
         started = time.perf_counter()
-        handle = allreduce_into(sent, outputs, f"{self.name}.round{round_index}",
-                                self.process_set)
-        self._count(sent)
+        handle = collectives.sum_into_async(sent, outputs, f"{self.name}.round{round_index}",
+                                            self.process_set)
+        self.stats.count_sent(nbytes(sent), allreduce=True)
         return Pending(handle, contexts, started)
-
-    def _count(self, sent: Sequence[torch.Tensor]) -> None:
-        nbytes = sum(t.numel() * t.element_size() for t in sent)
-        self.stats.allreduce_calls += 1
-        self.stats.bytes_communicated += nbytes
-        self.stats.cross_group_bytes += nbytes
 
     def wait(
         self, pending: Pending, cancelled: Callable[[], bool] = lambda: False
     ) -> List[torch.Tensor]:
-        outputs = wait_for_handle(pending.handle, cancelled)
+        outputs = collectives.wait(pending.handle, cancelled)
         result = self.wire.receive(outputs, pending.contexts)
-        self.stats.comm_seconds += time.perf_counter() - pending.started
+        self.stats.count_comm(time.perf_counter() - pending.started)
         return result
 
 
@@ -252,6 +244,15 @@ class _Round:
         self.cancelled = threading.Event()
         self.result: Optional[List[torch.Tensor]] = None
         self.error: Optional[BaseException] = None
+
+    def wait(self, communicator: "Communicator", pending: Pending) -> None:
+        """Wait for ``pending`` (on the round's own thread), keeping its result or its error."""
+        try:
+            self.result = communicator.wait(pending, self.cancelled.is_set)
+        except BaseException as error:  # noqa: BLE001 - handed to the training thread
+            self.error = error
+        finally:
+            self.done.set()
 
 
 class BackgroundExchange:
@@ -279,16 +280,8 @@ class BackgroundExchange:
         assert self._round is None, "at most one round may be in flight"
         pending = self.communicator.start(tensors, round_index)
         current = _Round()
-
-        def wait() -> None:
-            try:
-                current.result = self.communicator.wait(pending, current.cancelled.is_set)
-            except BaseException as error:  # noqa: BLE001 - handed to the training thread
-                current.error = error
-            finally:
-                current.done.set()
-
-        threading.Thread(target=wait, name="hvd-easgd-exchange", daemon=True).start()
+        threading.Thread(target=current.wait, args=(self.communicator, pending),
+                         name="hvd-easgd-exchange", daemon=True).start()
         self._round = current
 
     def failed(self) -> Optional[BaseException]:

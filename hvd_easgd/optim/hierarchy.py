@@ -38,12 +38,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
-import horovod.torch as hvd
 import torch
 
-from hvd_easgd.optim.exchange import (
-    Communicator, ExchangeStats, Pending, allreduce_into, average_gradients, wait_for_handle,
-)
+from hvd_easgd.optim import collectives
+from hvd_easgd.optim.exchange import Communicator, ExchangeStats, Pending, average_gradients, nbytes
 
 HOST = "host"
 SETS_HINT = (
@@ -156,7 +154,8 @@ def check_groups(groups: Any, size: int, rank: int, *, every_rank: bool) -> List
 def host_groups() -> List[List[int]]:
     """The workers of each host, by Horovod's host name (a collective: every worker calls it)."""
     host = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
-    everyone = hvd.allgather_object((host, hvd.rank()), name="hvd_easgd.optim.hierarchy.hosts")
+    everyone = collectives.allgather_object((host, collectives.rank()),
+                                            name="hvd_easgd.optim.hierarchy.hosts")
     by_host: dict = {}
     for name, rank in everyone:
         by_host.setdefault(name, []).append(rank)
@@ -175,29 +174,25 @@ def process_sets(groups: Sequence[Sequence[int]]) -> List[Any]:
     everyone = sorted(r for g in groups for r in g)
     wanted = [g for g in groups + cross_groups(groups) if 1 < len(g) < len(everyone)]
     unique = [list(g) for g in dict.fromkeys(tuple(g) for g in wanted)]
-    return [hvd.ProcessSet(g) for g in unique]
+    return [collectives.process_set(g) for g in unique]
 
 
 def find_process_set(ranks: Sequence[int]) -> Any:
     """The registered process set with exactly these ranks, registering it if allowed."""
     ranks = sorted(ranks)
-    if ranks == list(range(hvd.size())):
-        return hvd.global_process_set
-    from horovod.torch.mpi_ops import _basics
-
-    for set_id, members in _basics._get_process_set_ids_and_ranks().items():
-        if sorted(members) == ranks:
-            found = hvd.ProcessSet(ranks)
-            found.process_set_id = set_id
-            return found
+    if ranks == list(range(collectives.size())):
+        return collectives.GLOBAL_SET
+    found = collectives.registered_process_set(ranks)
+    if found is not None:
+        return found
     if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "0").lower() in ("1", "true", "yes"):
-        return hvd.add_process_set(ranks)
+        return collectives.add_process_set(ranks)
     raise ValueError(f"Horovod has no process set of ranks {ranks}: {SETS_HINT}")
 
 
 def resolve(hierarchy: Any, process_set: Any, elastic: bool) -> Optional[Topology]:
     """The topology for ``hierarchy=`` / ``process_set=`` (None: flat EASGD over everyone)."""
-    if hierarchy is None and (process_set is None or process_set is hvd.global_process_set):
+    if hierarchy is None and (process_set is None or process_set is collectives.GLOBAL_SET):
         return None
     if elastic:
         raise ValueError(
@@ -208,7 +203,7 @@ def resolve(hierarchy: Any, process_set: Any, elastic: bool) -> Optional[Topolog
     if hierarchy is not None and process_set is not None:
         raise ValueError("give hierarchy= (groups of workers) or process_set= (EASGD among a "
                          "set's members), not both")
-    size, rank = hvd.size(), hvd.rank()
+    size, rank = collectives.size(), collectives.rank()
     if process_set is not None:
         return _set_topology(process_set, rank)
     if isinstance(hierarchy, str):
@@ -257,7 +252,7 @@ def reduce_gradients(topology: Topology, params: List[torch.Tensor], stats: Exch
                      name: str) -> None:
     """Average the gradients over this worker's group (synchronous SGD inside a node)."""
     if topology.group_set is not None:
-        stats.group_bytes += average_gradients(params, name, topology.group_set)
+        stats.count_group_bytes(average_gradients(params, name, topology.group_set))
 
 
 def bounds(numel: int, parts: int, index: int) -> slice:
@@ -284,23 +279,21 @@ class SlicedCommunicator(Communicator):
         parts = [t[bounds(t.numel(), n, j)] for t in tensors]
         sent, outputs, contexts = self.wire.send(parts)
         started = time.perf_counter()
-        handle = allreduce_into(sent, outputs, f"{self.name}.round{round_index}",
-                                self.topology.cross_set)
-        self._count(sent)
+        handle = collectives.sum_into_async(sent, outputs, f"{self.name}.round{round_index}",
+                                            self.topology.cross_set)
+        self.stats.count_sent(nbytes(sent), allreduce=True)
         return SlicedPending(handle, tuple(contexts), started, round_index)
 
     def wait(self, pending: Pending,
              cancelled: Callable[[], bool] = lambda: False) -> List[torch.Tensor]:
         assert isinstance(pending, SlicedPending)
-        outputs = wait_for_handle(pending.handle, cancelled)
+        outputs = collectives.wait(pending.handle, cancelled)
         parts = self.wire.receive(outputs, pending.contexts)
-        handle = hvd.grouped_allgather_async(
-            parts, name=f"{self.name}.gather{pending.round_index}",
-            process_set=self.topology.group_set,
-        )
-        result = list(wait_for_handle(handle, cancelled))
-        self.stats.group_bytes += sum(t.numel() * t.element_size() for t in parts)
-        self.stats.comm_seconds += time.perf_counter() - pending.started
+        handle = collectives.allgather_async(parts, f"{self.name}.gather{pending.round_index}",
+                                             self.topology.group_set)
+        result = list(collectives.wait(handle, cancelled))
+        self.stats.count_group_bytes(nbytes(parts))
+        self.stats.count_comm(time.perf_counter() - pending.started)
         return result
 
 
@@ -309,9 +302,7 @@ def make_communicator(topology: Optional[Topology], compression: Any, name: str,
     if topology is None:
         return Communicator(compression, name, stats)
     if topology.group_set is None:  # one-worker groups: the whole round over the set
-        communicator = Communicator(compression, name, stats)
-        communicator.process_set = topology.cross_set
-        return communicator
+        return Communicator(compression, name, stats, topology.cross_set)
     return SlicedCommunicator(compression, name, stats, topology)
 
 
@@ -321,7 +312,7 @@ def start_workers(topology: Topology, tensors: List[torch.Tensor], signature: An
     they agree (a digest of their signatures) and start them from the lowest rank's values."""
     digest = hashlib.sha256(repr(signature).encode()).digest()[:7]
     mine = torch.tensor([int.from_bytes(digest, "little")], dtype=torch.int64)
-    everyone = hvd.allgather(mine, name=f"{name}.check", process_set=topology.cross_set)
+    everyone = collectives.allgather(mine, f"{name}.check", topology.cross_set)
     if len(set(everyone.tolist())) > 1:
         raise ValueError(
             f"workers' models or EASGD settings differ among ranks {topology.ranks}: every "
@@ -329,5 +320,22 @@ def start_workers(topology: Topology, tensors: List[torch.Tensor], signature: An
             "the same settings"
         )
     for index, tensor in enumerate(tensors):
-        hvd.broadcast_(tensor, root_rank=topology.ranks[0], name=f"{name}.start.{index}",
-                       process_set=topology.cross_set)
+        collectives.broadcast_(tensor, topology.ranks[0], f"{name}.start.{index}",
+                               topology.cross_set)
+
+
+def peer_set(topology: Optional[Topology]) -> Any:
+    """The process set EASGD's peers form: every worker, or ``process_set=``'s members."""
+    if topology is not None and topology.group_set is None:
+        return topology.cross_set
+    return collectives.GLOBAL_SET
+
+
+def peer_ranks(topology: Optional[Topology]) -> List[int]:
+    """The global ranks of the workers in :func:`peer_set`, in order."""
+    return list(range(collectives.size())) if topology is None else topology.ranks
+
+
+def peers(topology: Optional[Topology]) -> int:
+    """EASGD's p: the workers, or the groups of ``hierarchy=`` / members of ``process_set=``."""
+    return collectives.size() if topology is None else topology.num_groups

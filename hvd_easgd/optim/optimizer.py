@@ -5,11 +5,14 @@ communication round: one fused Horovod allreduce of the parameters (as differenc
 center) updates every worker's replica of the center variable and pulls the worker toward it.
 The replicas receive identical updates, so they stay bit-identical without a parameter server.
 
-The class decides when a round happens and owns the state it changes. A round's life (start,
-wait or overlap, apply) is in :mod:`hvd_easgd.optim.rounds`, the math in :mod:`hvd_easgd.optim.rules`, the
-buffers, state dicts and commits in :mod:`hvd_easgd.optim.center`, the communication in
-:mod:`hvd_easgd.optim.exchange`, Horovod Elastic and non-finite workers in :mod:`hvd_easgd.optim.recovery`,
-argument checks in :mod:`hvd_easgd.optim.checks`.
+The class holds the validated settings, speaks the ``torch.optim`` API and decides *when* a
+round happens. A round's life (start, wait or overlap, apply) is in :mod:`hvd_easgd.optim.rounds`,
+the math in :mod:`hvd_easgd.optim.rules`, the state a round changes in
+:mod:`hvd_easgd.optim.state` (its buffers, state dicts and commits in
+:mod:`hvd_easgd.optim.center`), the communication in :mod:`hvd_easgd.optim.exchange` over
+:mod:`hvd_easgd.optim.collectives`, NaN/inf workers in :mod:`hvd_easgd.optim.guard`, Horovod
+Elastic in :mod:`hvd_easgd.optim.horovod_elastic`, argument checks in
+:mod:`hvd_easgd.optim.checks`.
 
 :func:`DistributedOptimizer` is a drop-in for ``hvd.DistributedOptimizer``: change the one call
 and an existing Horovod script trains with EASGD.
@@ -24,27 +27,26 @@ import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-import horovod.torch as hvd
 import torch
 
-from hvd_easgd.optim import recovery
+from hvd_easgd.optim import collectives
+from hvd_easgd.optim import hierarchy as hier
+from hvd_easgd.optim import horovod_elastic
 from hvd_easgd.optim.center import (
-    CenterState, Counters, adopt_sync_sgd_steps, pack_state_dict, split_state_dict,
-    unpack_state_dict, warn_if_saved_elsewhere,
+    CenterState, adopt_sync_sgd_steps, pack_state_dict, split_state_dict, unpack_state_dict,
+    warn_if_saved_elsewhere, Counters,
 )
 from hvd_easgd.optim.checks import (
-    DEFAULT_BETA, check_options, check_patience, check_sync_sgd_steps, check_tau, float_buffers,
-    name_parameters, resolve_coefficients, signature,
+    DEFAULT_BETA, check_options, check_patience, check_signatures, check_sync_sgd_steps,
+    check_tau, float_buffers, name_parameters, resolve_coefficients, signature,
 )
-from hvd_easgd.optim.exchange import BackgroundExchange, ExchangeStats, average_gradients
-from hvd_easgd.optim.rules import ElasticRule, buffer_rule
+from hvd_easgd.optim.collectives import Compression
+from hvd_easgd.optim.exchange import BackgroundExchange, ExchangeStats
 from hvd_easgd.optim.flat import group_tensors
-from hvd_easgd.optim import hierarchy as hier
-from hvd_easgd.optim.outer import (
-    OuterFactory, OuterRule, build_outer, center_parameters, check_outer_options, describe,
-    nesterov, outer_state,
-)
+from hvd_easgd.optim.guard import NonFiniteGuard
+from hvd_easgd.optim.outer import OuterFactory, check_outer_options, describe, nesterov, outer_state
 from hvd_easgd.optim.rounds import Rounds
+from hvd_easgd.optim.state import RoundState
 
 __all__ = ["ElasticOptimizer", "DistributedOptimizer", "DEFAULT_BETA", "MODES"]
 
@@ -53,6 +55,21 @@ MODES = ("sync", "async")
 # Every worker constructs its optimizers in the same order, so this numbering (used in Horovod
 # tensor names) agrees across workers and keeps two optimizers' rounds apart.
 _instance_ids = itertools.count()
+
+
+def _local(name: str) -> property:
+    """The local optimizer's ``name``, read through: LR schedulers and
+    ``hvd.broadcast_optimizer_state`` edit it in place, and loading a state dict into the local
+    optimizer replaces it. torch's ``Optimizer.__init__`` assigns it once, which is ignored."""
+
+    def get(self: "ElasticOptimizer") -> Any:
+        return getattr(self.optimizer, name)
+
+    def set_(self: "ElasticOptimizer", value: Any) -> None:
+        if self.__dict__.get("_constructed", False):
+            raise AttributeError(f"{name} is the local optimizer's: set opt.optimizer.{name}")
+
+    return property(get, set_, doc=f"The local optimizer's ``{name}``.")
 
 
 class ElasticOptimizer(torch.optim.Optimizer):
@@ -100,7 +117,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         nonfinite_patience: a round in which some worker's contribution is NaN/inf is applied
             by nobody, and those workers restart from the center with fresh optimizer state;
             when this many of the last ``2 * nonfinite_patience`` rounds were such rounds,
-            every worker raises :class:`~hvd_easgd.optim.recovery.NonFiniteError`.
+            every worker raises :class:`~hvd_easgd.optim.guard.NonFiniteError`.
         outer_optimizer: a factory ``params -> torch.optim.Optimizer`` that moves the center
             (``method="easgd"`` or ``"diloco"``), e.g. ``lambda params: torch.optim.SGD(params,
             lr=0.7, momentum=0.9, nesterov=True)``; it is called with the center's tensors and
@@ -132,7 +149,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
     async mode, plus one output for the round on the wire, kept from round to round (no
     allocation per round, :mod:`hvd_easgd.optim.exchange`): about 3x the parameter
     bytes in sync mode, 4x in async mode. A Horovod Elastic commit keeps 2x more (see
-    :mod:`hvd_easgd.optim.recovery`).
+    :mod:`hvd_easgd.optim.horovod_elastic`).
     """
 
     def __init__(
@@ -145,7 +162,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         alpha: Optional[float] = None,
         method: str = "easgd",
         mode: str = "sync",
-        compression: Any = hvd.Compression.none,
+        compression: Any = Compression.none,
         named_buffers: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
         center_average: Optional[str] = None,
         center_average_rate: float = 0.001,
@@ -165,59 +182,69 @@ class ElasticOptimizer(torch.optim.Optimizer):
                       master_momentum=master_momentum, compression=compression)
         self.tau = check_tau(tau)
         self._coefficients = (alpha, beta)
-        self.topology = hier.resolve(hierarchy, process_set, recovery.elastic_launch())
-        resolve_coefficients(alpha, beta, self._peers())  # raises early on a bad value
+        self.topology = hier.resolve(hierarchy, process_set, horovod_elastic.elastic_launch())
+        resolve_coefficients(alpha, beta, hier.peers(self.topology))  # raises early on a bad value
         self.method, self.mode, self.center_average = method, mode, center_average
         self.center_average_rate = float(center_average_rate)
         self.master_momentum = float(master_momentum)
         self.nonfinite_patience = check_patience(nonfinite_patience)
         self.check_consistency = bool(check_consistency)
         self.start_early = bool(start_early)
-        self.sync_sgd_steps = check_sync_sgd_steps(sync_sgd_steps)
-        self.survivors = recovery.check_survivors(survivors)
+        self.survivors = horovod_elastic.check_survivors(survivors)
 
         named = name_parameters(optimizer, named_parameters)
         buffers = float_buffers(named_buffers, named)
-        self._elastic_ready = False
-        super().__init__([{"params": [p for _, p in named]}], {})
         self.optimizer = optimizer
-        self._link()
-        self._elastic_ready = True
+        super().__init__([{"params": [p for _, p in named]}], {})
+        self._constructed = True
 
         self._signature_tensors = (named, buffers)
         self.groups = group_tensors(named, buffers)
-        self.buffers = CenterState(
-            self.groups, velocity=method == "mdownpour", average=center_average is not None,
-            slots=2 if self.mode == "async" else 1,
-        )
         if outer_optimizer is None and method == "diloco":
             outer_optimizer = nesterov()
-        self.outer_optimizer = None if outer_optimizer is None else build_outer(
-            outer_optimizer, center_parameters(self.groups, self.buffers.center_views))
-        self.buffers.outer = self.outer_optimizer
+        center = CenterState(self.groups, velocity=method == "mdownpour",
+                             average=center_average is not None,
+                             slots=2 if mode == "async" else 1, outer=outer_optimizer)
+        self.outer_optimizer = center.outer
         self.stats = ExchangeStats()
         self.communicator = hier.make_communicator(
             self.topology, compression, f"hvd_easgd.{next(_instance_ids)}", self.stats)
-        self.rounds = Rounds(
-            self, BackgroundExchange(self.communicator) if mode == "async" else None)
-        self.counters = Counters()
-        self._closed = False
-        self._configure_world()
         # Under Horovod Elastic, collectives here could deadlock a joining worker against the
         # others' state sync: the first hvd.elastic sync does the check and the broadcast.
-        self.synced = not recovery.elastic_launch()
-        if self.synced and self.topology is not None and self.topology.group_set is None:
-            hier.start_workers(self.topology, [t for _, t in named + buffers], self.signature(),
-                               self.communicator.name)  # EASGD among a process set's members
-        elif self.synced:
-            if self.check_consistency:
-                recovery.check_everyone(self)
-            # (Horovod has no bfloat16 collectives: those go bit for bit as int16)
-            hvd.broadcast_parameters([(n, t.detach().view(torch.int16) if t.dtype == torch.bfloat16
-                                       else t) for n, t in named + buffers], root_rank=0)
-        self.buffers.reset_from_live()
+        self.round_state = RoundState(
+            center, self.stats, method=method, coefficients=(alpha, beta),
+            master_momentum=self.master_momentum, topology=self.topology,
+            sync_sgd_steps=check_sync_sgd_steps(sync_sgd_steps),
+            synced=not horovod_elastic.elastic_launch())
+        guard = NonFiniteGuard(self.round_state, optimizer, self.nonfinite_patience,
+                               self.topology, self.communicator.name)
+        self.rounds = Rounds(
+            self.round_state, optimizer, self.communicator,
+            BackgroundExchange(self.communicator) if mode == "async" else None, guard,
+            hier.peer_set(self.topology), center_average=center_average,
+            center_average_rate=self.center_average_rate, start_early=self.start_early)
+        self._closed = False
+        if self.round_state.synced:
+            self._start_together(named + buffers)
+        center.reset_from_live()
         self._at_exit = _close_at_exit(weakref.ref(self))
         atexit.register(self._at_exit)
+
+    param_groups = _local("param_groups")
+    state = _local("state")
+    defaults = _local("defaults")
+
+    def _start_together(self, tensors: List[Tuple[str, torch.Tensor]]) -> None:
+        """Check that every peer runs the same model and settings, and start them all from the
+        lowest rank's values (outside Horovod Elastic, whose first sync does this)."""
+        if self.topology is not None and self.topology.group_set is None:
+            hier.start_workers(self.topology, [t for _, t in tensors], self.signature(),
+                               self.communicator.name)  # EASGD among a process set's members
+            return
+        if self.check_consistency:
+            check_signatures(collectives.allgather_object(
+                self.signature(), name=f"{self.communicator.name}.check"))
+        collectives.broadcast_parameters(tensors, root_rank=0)
 
     def settings(self) -> Dict[str, Any]:
         """The settings every worker must share (compared by the consistency check)."""
@@ -236,52 +263,46 @@ class ElasticOptimizer(torch.optim.Optimizer):
         }
 
     def signature(self) -> tuple:
+        """What every worker must agree on: its model's tensors and :meth:`settings`."""
         return signature(*self._signature_tensors, self.settings())
 
     @property
     def alpha(self) -> float:
         """The elastic coefficient for the current number of workers (``beta / p``)."""
-        return resolve_coefficients(*self._coefficients, self._peers())[0]
+        return self.round_state.coefficients[0]
 
     @property
     def beta(self) -> float:
         """The center's moving rate for the current number of workers (``p * alpha``)."""
-        return resolve_coefficients(*self._coefficients, self._peers())[1]
+        return self.round_state.coefficients[1]
 
-    def _peers(self) -> int:
-        """EASGD's p: the workers, or the groups of ``hierarchy=`` / members of ``process_set=``."""
-        return hvd.size() if self.topology is None else self.topology.num_groups
+    @property
+    def sync_sgd_steps(self) -> int:
+        """Synchronous-SGD steps before EASGD (a state dict or a resync may change it)."""
+        return self.round_state.sync_sgd_steps
 
-    def _configure_world(self) -> None:
-        """Everything that depends on the number of workers and this worker's rank."""
-        size, rank = hvd.size(), hvd.rank()
-        peers = self._peers()
-        alpha, beta = resolve_coefficients(*self._coefficients, peers)
-        if self.outer_optimizer is None:
-            self.rule = ElasticRule(self.method, alpha, peers, self.master_momentum, beta)
-        else:
-            self.rule = OuterRule(self.method, alpha, peers, self.outer_optimizer, self.groups,
-                                  self.buffers.centers, self.buffers.center_views)
-        self.buffer_rule = buffer_rule(peers)
-        self.buffers.allocate_rounds()
-        self.world = (size, rank)
+    @property
+    def synced(self) -> bool:
+        """Whether the workers started from one agreed state (under Horovod Elastic: whether
+        its first sync has run)."""
+        return self.round_state.synced
 
     # ------------------------------------------------------------------ the algorithm
 
     @property
     def step_count(self) -> int:
         """Calls of :meth:`step` so far (including those restored from a state dict)."""
-        return self.counters.step
+        return self.round_state.step
 
     @property
     def round_count(self) -> int:
         """Communication rounds started so far."""
-        return self.counters.round
+        return self.round_state.round
 
     @property
     def in_sync_sgd(self) -> bool:
         """Whether the next :meth:`step` is a synchronous-SGD step (EASGD has not started yet)."""
-        return self.counters.step < self.sync_sgd_steps
+        return self.round_state.in_sync_sgd
 
     def round_due(self, step: int) -> bool:
         """Whether step number ``step`` (1-based) ends with a round: every ``tau`` steps,
@@ -291,56 +312,27 @@ class ElasticOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One local optimizer step; at every ``tau``-th step, also a communication round."""
         self._raise_if_failed()
-        recovery.follow_world(self)
+        horovod_elastic.follow_world(self.round_state, self.rounds)
         if self.in_sync_sgd:
-            return self._sync_sgd_step(closure)
-        if self.topology is not None and self.topology.group_set is not None:
-            if closure is not None:
-                raise ValueError("step(closure) with hierarchy=: compute the gradients before "
-                                 "step() (they are averaged over the group first); drop closure")
-            hier.reduce_gradients(self.topology, self._params(), self.stats,
-                                  f"{self.communicator.name}.grads")
-        self.counters.step += 1
-        self.stats.steps += 1
-        if self.round_due(self.counters.step):
-            loss = self.rounds.run(closure)
+            loss = self.rounds.sync_sgd_step(closure, self._params())
         else:
-            loss = self.optimizer.step(closure)
-        if self.round_due(self.counters.step + 1):
+            self._average_group_gradients(closure)
+            self.round_state.count_step()
+            due = self.round_due(self.step_count)
+            loss = self.rounds.run(closure) if due else self.optimizer.step(closure)
+        if self.round_due(self.step_count + 1):
             self.rounds.start_early()
         return loss
 
-    def _sync_sgd_step(self, closure: Optional[Callable[[], float]]) -> Optional[float]:
-        """Synchronous SGD: average the gradients over the peers, step, and keep the center at
-        the (identical) workers, so that EASGD starts from them at the switch. A step whose
-        averaged gradient is not finite is applied by nobody (the non-finite guard's verdict)."""
-        loss = None
+    def _average_group_gradients(self, closure: Optional[Callable[[], float]]) -> None:
+        """``hierarchy=``: the workers of a group train as one synchronous-SGD worker."""
+        if self.topology is None or self.topology.group_set is None:
+            return
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params = self._params()
-        sent = average_gradients(params, f"{self.communicator.name}.sync_sgd",
-                                 self.topology_peers())
-        self.stats.cross_group_bytes += sent
-        self.stats.bytes_communicated += sent
-        self.counters.step += 1
-        self.stats.steps += 1
-        if recovery.gradients_finite(params):
-            self.counters.record_round(False, recovery.window(self.nonfinite_patience))
-            self.optimizer.step()
-            self.buffers.center_from_live_params()
-        else:
-            recovery.skip_sync_sgd_step(self)
-        if self.round_due(self.counters.step + 1):
-            self.rounds.start_early()
-        return loss
-
-    def topology_peers(self) -> Any:
-        """The process set EASGD's peers form: every worker, or ``process_set=``'s members."""
-        topology = self.topology
-        if topology is not None and topology.group_set is None:
-            return topology.cross_set
-        return hvd.global_process_set
+            raise ValueError("step(closure) with hierarchy=: compute the gradients before "
+                             "step() (they are averaged over the group first); drop closure")
+        hier.reduce_gradients(self.topology, self._params(), self.stats,
+                              f"{self.communicator.name}.grads")
 
     def synchronize(self) -> None:
         """Wait for the round in flight and apply it (async mode); a no-op in sync mode.
@@ -356,7 +348,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if self._closed:
             raise RuntimeError("this ElasticOptimizer was closed; create a new one to go on")
         if not self.synced:
-            raise RuntimeError(recovery.NOT_SYNCED)
+            raise RuntimeError(horovod_elastic.NOT_SYNCED)
         self.rounds.raise_if_failed()
 
     # ------------------------------------------------------------------ results
@@ -368,22 +360,24 @@ class ElasticOptimizer(torch.optim.Optimizer):
         tensors are live views of the center (clone them to keep a copy); in async mode call
         :meth:`synchronize` first to include the round in flight.
         """
-        return self.buffers.named_views(self.buffers.center_views)
+        center = self.round_state.center
+        return center.named_views(center.center_views)
 
     def averaged_center_state_dict(self) -> Dict[str, torch.Tensor]:
         """Like :meth:`center_state_dict`, for the running/moving average of the center."""
-        if self.buffers.average_views is None:
+        center = self.round_state.center
+        if center.average_views is None:
             raise ValueError(
                 "no averaged center is kept: create the optimizer with "
                 "center_average='running' or 'moving'"
             )
-        return self.buffers.named_views(self.buffers.average_views)
+        return center.named_views(center.average_views)
 
     @torch.no_grad()
     def local_distance(self) -> float:
         """``||x - c||_2`` over the parameters: how far this worker has wandered."""
         total = 0.0
-        for group, views in zip(self.groups, self.buffers.center_views):
+        for group, views in zip(self.groups, self.round_state.center.center_views):
             k = group.num_params
             if k:
                 diffs = torch._foreach_sub(group.tensors[:k], views[:k])
@@ -396,9 +390,8 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        if not getattr(self, "_elastic_ready", False):
-            super().add_param_group(param_group)
-            return
+        if not self.__dict__.get("_constructed", False):
+            return  # torch's Optimizer.__init__: the groups are the local optimizer's already
         raise NotImplementedError(
             "the center is laid out at construction: add every param group to the local "
             "optimizer before wrapping it in ElasticOptimizer"
@@ -412,10 +405,10 @@ class ElasticOptimizer(torch.optim.Optimizer):
         """
         self.synchronize()
         settings = {"method": self.method, "mode": self.mode, "tau": self.tau,
-                    "alpha": self.alpha, "beta": self.beta, "world_size": self.world[0],
-                    "sync_sgd_steps": self.sync_sgd_steps}
-        sd = pack_state_dict(self.optimizer.state_dict(), self.buffers, self._params(),
-                             self.counters, settings)
+                    "alpha": self.alpha, "beta": self.beta,
+                    "world_size": self.round_state.size, "sync_sgd_steps": self.sync_sgd_steps}
+        sd = pack_state_dict(self.optimizer.state_dict(), self.round_state.center,
+                             self._params(), self.round_state.counters, settings)
         if self.outer_optimizer is not None:
             sd["easgd"]["outer"] = outer_state(self.outer_optimizer)
         return sd
@@ -431,8 +424,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.rounds.settle_early()  # it sent the values replaced here
         base, ours, easgd = split_state_dict(state_dict)
         self.optimizer.load_state_dict(base)
-        self._link()
-        params = self._params()
+        params, state = self._params(), self.round_state
         if easgd is None or len(ours) != len(params):
             warnings.warn(
                 "the state dict has no EASGD center or counters (saved from the plain "
@@ -440,23 +432,17 @@ class ElasticOptimizer(torch.optim.Optimizer):
                 "counter from 0. Load the same model weights on every worker before this call.",
                 stacklevel=2,
             )
-            self.buffers.reset_from_live()
-            self.counters = Counters()
+            state.center.reset_from_live()
+            state.restore_counters(Counters())
             return
-        self.counters = unpack_state_dict(self.buffers, params, ours, easgd)
-        self.sync_sgd_steps = adopt_sync_sgd_steps(easgd, self.sync_sgd_steps)
+        state.restore_counters(unpack_state_dict(state.center, params, ours, easgd))
+        state.adopt_sync_sgd_steps(adopt_sync_sgd_steps(easgd, self.sync_sgd_steps))
         if self.outer_optimizer is not None and easgd.get("outer") is not None:
             self.outer_optimizer.load_state_dict(easgd["outer"])
-        warn_if_saved_elsewhere(easgd, self.world[0], self.method, self.alpha)
+        warn_if_saved_elsewhere(easgd, state.size, self.method, self.alpha)
 
     def _params(self) -> List[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def _link(self) -> None:
-        # Share, not copy: LR schedulers and hvd.broadcast_optimizer_state edit these in place.
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-        self.defaults = self.optimizer.defaults
 
     # ------------------------------------------------------------------ lifetime
 
@@ -504,14 +490,14 @@ def _close_at_exit(ref: "weakref.ref[ElasticOptimizer]") -> Callable[[], None]:
 def DistributedOptimizer(  # noqa: N802 - mirrors hvd.DistributedOptimizer
     optimizer: torch.optim.Optimizer,
     named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
-    compression: Any = hvd.Compression.none,
+    compression: Any = Compression.none,
     backward_passes_per_step: int = 1,
-    op: Any = hvd.Average,
+    op: Any = collectives.AVERAGE,
     gradient_predivide_factor: float = 1.0,
     num_groups: int = 0,
     groups: Any = None,
     sparse_as_dense: bool = False,
-    process_set: Any = hvd.global_process_set,
+    process_set: Any = collectives.GLOBAL_SET,
     **easgd_kwargs: Any,
 ) -> ElasticOptimizer:
     """A drop-in for ``hvd.DistributedOptimizer`` that trains with EASGD.
@@ -521,19 +507,19 @@ def DistributedOptimizer(  # noqa: N802 - mirrors hvd.DistributedOptimizer
     shape the gradient allreduce have no effect: they are accepted with a warning, and refused
     where keeping them would silently change the result.
     """
-    if op == hvd.Adasum:
+    if op == collectives.ADASUM:
         raise ValueError(
             "op=hvd.Adasum adapts how gradients are combined, and EASGD combines no gradients "
             "(workers step on their own and are pulled toward the center): remove op=, or use "
             "hvd.DistributedOptimizer for Adasum"
         )
-    if op not in (hvd.Average, hvd.Sum):
+    if op not in (collectives.AVERAGE, collectives.SUM):
         raise ValueError(f"op={op!r} is not a gradient reduction EASGD can honour; remove op=")
     ignored = {
         "backward_passes_per_step": (backward_passes_per_step, 1,
                                      "gradients accumulate locally; call step() once after "
                                      "your backward passes"),
-        "op": (op, hvd.Average, "each worker uses its own gradient; with hvd.Sum you may have "
+        "op": (op, collectives.AVERAGE, "each worker uses its own gradient; with hvd.Sum you may have "
                                 "scaled the learning rate by the number of workers"),
         "gradient_predivide_factor": (gradient_predivide_factor, 1.0, "no gradients are reduced"),
         "num_groups": (num_groups, 0, "every round is already one fused allreduce"),
@@ -544,11 +530,11 @@ def DistributedOptimizer(  # noqa: N802 - mirrors hvd.DistributedOptimizer
         if value != default:
             warnings.warn(f"hvd_easgd.DistributedOptimizer ignores {name}={value!r}: {why}",
                           stacklevel=2)
-    if process_set is not hvd.global_process_set:
+    if process_set is not collectives.GLOBAL_SET:
         easgd_kwargs["process_set"] = process_set  # EASGD among the set's members
     return ElasticOptimizer(
         optimizer, named_parameters, compression=compression, **easgd_kwargs
     )
 
 
-recovery.register_state_handler(ElasticOptimizer)
+horovod_elastic.register_state_handler(ElasticOptimizer)

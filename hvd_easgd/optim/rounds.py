@@ -1,8 +1,8 @@
 """The life of one communication round: start it, wait for it (or let it fly), apply it.
 
-:class:`~hvd_easgd.ElasticOptimizer` decides *when* a round happens (every ``tau``-th step) and
-owns the state a round reads and writes (the center buffers, the counters, the rule).
-:class:`Rounds` runs the round itself:
+:class:`~hvd_easgd.ElasticOptimizer` decides *when* a round happens (every ``tau``-th step);
+:class:`Rounds` runs it, on the state a round reads and writes
+(:class:`~hvd_easgd.optim.state.RoundState`: the center buffers, the counters, the rule):
 
 - **sync** (:meth:`Rounds.sync`): seal ``d = x - c``, start the allreduce, wait for it
   (sleeping, :mod:`hvd_easgd.optim.exchange`), apply it. EASGD's round sends the parameters ``x_t`` at
@@ -15,8 +15,11 @@ owns the state a round reads and writes (the center buffers, the counters, the r
   and hand it to the background exchange; the round started ``tau`` steps ago is applied
   first, at the same point. Training never waits unless a round is still on the wire when
   the next one is due.
+- **synchronous SGD** (:meth:`Rounds.sync_sgd_step`, the first ``sync_sgd_steps`` steps): the
+  gradients averaged over the peers every step, and the center kept at the identical workers.
 
-A round that fails (a peer died, a non-finite streak ran out) is kept in :attr:`Rounds.error`:
+A round whose values are not finite is applied by nobody (:mod:`hvd_easgd.optim.guard`). A
+round that fails (a peer died, a non-finite streak ran out) is kept in :attr:`Rounds.error`:
 every later call raises, naming that cause, until a Horovod Elastic reset clears it.
 """
 
@@ -24,16 +27,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from hvd_easgd.optim import recovery
-from hvd_easgd.optim.exchange import BackgroundExchange, Pending, RoundCancelled
+from hvd_easgd.optim.collectives import Cancelled
+from hvd_easgd.optim.exchange import BackgroundExchange, Communicator, Pending, average_gradients
+from hvd_easgd.optim.guard import NonFiniteError, NonFiniteGuard, gradients_finite
 from hvd_easgd.optim.rules import update_center_average
-
-if TYPE_CHECKING:
-    from hvd_easgd.optim.optimizer import ElasticOptimizer
+from hvd_easgd.optim.state import RoundState
 
 Closure = Optional[Callable[[], float]]
 
@@ -49,14 +51,29 @@ class Rounds:
     """Runs the rounds of one :class:`~hvd_easgd.ElasticOptimizer` (see the module docstring).
 
     Args:
-        opt: the optimizer whose buffers, counters, rule and statistics the rounds use. Held,
-            not copied: a state dict or an elastic reset replaces ``opt.counters``.
+        state: the center buffers, counters, rule and statistics the rounds read and write.
+        local: the local optimizer, stepped at every round step.
+        communicator: sums a round over the peers.
         exchange: the background exchange of async mode, ``None`` in sync mode.
+        guard: the verdict on rounds and synchronous-SGD steps with NaN/inf.
+        peer_set: the process set of EASGD's peers (synchronous SGD averages over it).
+        center_average: ``"running"``, ``"moving"`` or None, and ``center_average_rate``.
+        start_early: whether sync EASGD rounds may start at the end of the step before theirs.
     """
 
-    def __init__(self, opt: "ElasticOptimizer", exchange: Optional[BackgroundExchange]) -> None:
-        self.opt = opt
+    def __init__(self, state: RoundState, local: torch.optim.Optimizer,
+                 communicator: Communicator, exchange: Optional[BackgroundExchange],
+                 guard: NonFiniteGuard, peer_set: object, *, center_average: Optional[str],
+                 center_average_rate: float, start_early: bool) -> None:
+        self.state = state
+        self.local = local
+        self.communicator = communicator
         self.exchange = exchange
+        self.guard = guard
+        self.peer_set = peer_set
+        self.center_average = center_average
+        self.center_average_rate = center_average_rate
+        self.start_early_allowed = start_early
         self.slot_in_flight: Optional[int] = None
         self.error: Optional[BaseException] = None
         #: A sync round started at the end of the step before its own, with the parameters'
@@ -66,7 +83,7 @@ class Rounds:
 
     def run(self, closure: Closure) -> Optional[float]:
         """The ``tau``-th step: the local step and a round, in the optimizer's mode."""
-        if self.exchange is None or self.opt.world[0] == 1:
+        if self.exchange is None or self.state.size == 1:
             # A single worker has no communication to hide: a late round would only pull it
             # back toward where it was tau steps ago (alpha = beta with p = 1).
             return self.sync(closure)
@@ -74,57 +91,73 @@ class Rounds:
 
     def sync(self, closure: Closure) -> Optional[float]:
         """Start a round, wait for it and apply it, around the local step."""
-        opt = self.opt
         if self.early is not None:
             pending = self._take_early()
-            loss = opt.optimizer.step(closure)
-        elif opt.rule.snapshot_before_step:
+            loss = self.local.step(closure)
+        elif self.state.rule.snapshot_before_step:
             # Sync EASGD: nothing moves the center before this round lands, so its
             # allreduce can run while the local optimizer updates the parameters.
             pending = self._start(0)
-            loss = opt.optimizer.step(closure)
+            loss = self.local.step(closure)
         else:
-            loss = opt.optimizer.step(closure)
+            loss = self.local.step(closure)
             pending = self._start(0)
         started = time.perf_counter()
-        totals = opt.communicator.wait(pending)
-        opt.stats.wait_seconds += time.perf_counter() - started
-        opt.stats.stalls += 1
+        totals = self.communicator.wait(pending)
+        self.state.stats.count_wait(time.perf_counter() - started, stalled=True)
         self.apply(0, totals)
         return loss
 
     def overlap(self, closure: Closure) -> Optional[float]:
         """Apply the round in flight (if any) and send this one to the background exchange."""
-        opt, exchange = self.opt, self.exchange
+        exchange, center = self.exchange, self.state.center
         assert exchange is not None
         slot = 1 if self.slot_in_flight == 0 else 0
-        if opt.rule.snapshot_before_step:
-            opt.buffers.snapshot(slot)
-        loss = opt.optimizer.step(closure)
+        before = self.state.rule.snapshot_before_step
+        if before:
+            center.snapshot(slot)
+        loss = self.local.step(closure)
         restarted = self.finish() if exchange.in_flight else False
-        if restarted or not opt.rule.snapshot_before_step:
+        if restarted or not before:
             # After the previous round landed: a pulling method's difference must not count
             # again the pull the worker has just received (and a worker that has just
             # restarted from the center must not send the values it was restarted from).
-            opt.buffers.snapshot(slot)
+            center.snapshot(slot)
         else:
             # Buffers are averaged like a pulling method's parameters whatever the method:
             # send them as they are after the previous round's average has landed.
-            for group, views in zip(opt.groups, opt.buffers.round_views[slot]):
+            for group, views in zip(center.groups, center.round_views[slot]):
                 k = group.num_params
                 if k < len(group.tensors):
                     torch._foreach_copy_(list(views[k:]), group.tensors[k:])
-        self._seal(slot)
-        exchange.submit(opt.buffers.rounds[slot], opt.counters.round)
+        exchange.submit(center.rounds[slot], self._seal(slot))
         self.slot_in_flight = slot
+        return loss
+
+    def sync_sgd_step(self, closure: Closure, params: List[torch.Tensor]) -> Optional[float]:
+        """Synchronous SGD: average the gradients over the peers, step, and keep the center at
+        the (identical) workers, so that EASGD starts from them at the switch. A step whose
+        averaged gradient is not finite is applied by nobody (the non-finite guard's verdict)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sent = average_gradients(params, f"{self.communicator.name}.sync_sgd", self.peer_set)
+        self.state.stats.count_sent(sent, allreduce=False)
+        self.state.count_step()
+        if gradients_finite(params):
+            self.guard.passed()
+            self.local.step()
+            self.state.center.center_from_live_params()
+        else:
+            self._guarded(self.guard.skip_sync_sgd_step)
         return loss
 
     @property
     def starts_early(self) -> bool:
         """Whether sync rounds start at the end of the step before theirs (see below)."""
-        opt = self.opt
-        return (opt.start_early and self.exchange is None and opt.rule.snapshot_before_step
-                and opt.world[0] > 1)
+        return (self.start_early_allowed and self.exchange is None
+                and self.state.rule.snapshot_before_step and self.state.size > 1)
 
     def start_early(self) -> None:
         """At the end of the step before a round step: start that round's allreduce now.
@@ -145,31 +178,31 @@ class Rounds:
         from the end of the step before. Edits through ``.data`` escape the version counters;
         construct the optimizer with ``start_early=False`` for code that makes them.
         """
-        opt = self.opt
         if self.early is not None or self.error is not None or not self.starts_early:
             return
-        opt.buffers.seal(0, from_live=True)
-        pending = opt.communicator.start(opt.buffers.rounds[0], opt.counters.round + 1)
-        opt.stats.rounds += 1
+        center = self.state.center
+        center.seal(0, from_live=True)
+        pending = self.communicator.start(center.rounds[0], self.state.begin_early_round())
         self.early = (pending, self._versions())
 
     def _take_early(self) -> Pending:
         assert self.early is not None
         (pending, versions), self.early = self.early, None
+        round_index = self.state.take_early_round()
         if versions != self._versions() and not self._warned_edit:
             self._warned_edit = True
             warnings.warn(
-                f"EASGD round {self.opt.counters.round + 1}: parameters were changed in place "
+                f"EASGD round {round_index}: parameters were changed in place "
                 "between step() calls while the round's allreduce (started when the step "
                 "before ended) was running; the round used their values from the end of that "
                 "step. Make such edits before step() returns, or construct the optimizer with "
                 "start_early=False.", EditedParametersWarning, stacklevel=4)
-        self.opt.counters.round += 1
         return pending
 
     def _versions(self) -> Tuple[int, ...]:
         # The parameters' alone: the forward pass moves the buffers by design.
-        return tuple(t._version for g in self.opt.groups for t in g.tensors[:g.num_params])
+        return tuple(t._version for g in self.state.center.groups
+                     for t in g.tensors[:g.num_params])
 
     def settle_early(self) -> None:
         """Wait for a round started early and drop its result (its step never came, or the
@@ -181,11 +214,11 @@ class Rounds:
         (pending, _), self.early = self.early, None
         deadline = time.monotonic() + CLOSE_TIMEOUT
         try:
-            self.opt.communicator.wait(pending, lambda: time.monotonic() > deadline)
-        except RoundCancelled:
-            self.opt.communicator.wire.forget()
+            self.communicator.wait(pending, lambda: time.monotonic() > deadline)
+        except Cancelled:
+            self.communicator.wire.forget()
         finally:
-            self.opt.stats.dropped_rounds += 1
+            self.state.drop_round(numbered=False)
 
     @property
     def in_flight(self) -> bool:
@@ -202,42 +235,46 @@ class Rounds:
             raise
         finally:
             slot, self.slot_in_flight = self.slot_in_flight, None
-        self.opt.stats.wait_seconds += waited
-        self.opt.stats.stalls += int(stalled)
+        self.state.stats.count_wait(waited, stalled)
         return self.apply(slot, totals)
 
     @torch.no_grad()
     def apply(self, slot: int, totals: Sequence[torch.Tensor]) -> bool:
         """Apply a round that has landed; return whether this worker restarted instead."""
-        opt = self.opt
-        buffers = opt.buffers
-        if not buffers.round_is_finite(totals):
-            return recovery.skip_round(opt, recovery.nonfinite_ranks(opt, slot))
-        opt.counters.record_round(False, recovery.window(opt.nonfinite_patience))
-        for gi, group in enumerate(opt.groups):
-            center, diff, total = buffers.centers[gi], buffers.rounds[slot][gi], totals[gi]
+        state, center = self.state, self.state.center
+        if not center.round_is_finite(totals):
+            return self._guarded(lambda: self.guard.skip_round(slot))
+        self.guard.passed()
+        for gi, group in enumerate(center.groups):
+            c, diff, total = center.centers[gi], center.rounds[slot][gi], totals[gi]
             n = group.param_numel
-            velocity = buffers.velocity[gi][:n] if buffers.velocity is not None else None
-            scale = opt.rule.apply(center[:n], diff[:n], total[:n], velocity) if n else 1.0
+            velocity = center.velocity[gi][:n] if center.velocity is not None else None
+            scale = state.rule.apply(c[:n], diff[:n], total[:n], velocity) if n else 1.0
             if n < group.numel:
-                opt.buffer_rule.apply(center[n:group.numel], diff[n:group.numel],
-                                      total[n:group.numel])
-            group.scatter_add(buffers.round_views[slot][gi], alpha=scale)
-            if buffers.averages is not None:
-                rounds = opt.counters.round - (1 if self.slot_in_flight is not None else 0)
-                update_center_average(buffers.averages[gi], center, opt.center_average,
-                                      rounds, opt.center_average_rate)
+                state.buffer_rule.apply(c[n:group.numel], diff[n:group.numel],
+                                        total[n:group.numel])
+            group.scatter_add(center.round_views[slot][gi], alpha=scale)
+            if center.averages is not None:
+                update_center_average(center.averages[gi], c, self.center_average, state.round,
+                                      self.center_average_rate)
         return False
+
+    def _guarded(self, verdict: Callable[[], bool]) -> bool:
+        """Run the guard's verdict; a :class:`NonFiniteError` it raises fails the rounds."""
+        try:
+            return verdict()
+        except NonFiniteError as error:
+            self.error = error
+            raise
 
     def drop_in_flight(self) -> None:
         """Abandon the round on the wire (an elastic reset): nobody applies it."""
         if self.exchange is not None and self.exchange.cancel():
-            self.opt.counters.round -= 1
-            self.opt.stats.dropped_rounds += 1
-        if self.early is not None:  # started early and never counted in counters.round
+            self.state.drop_round(numbered=True)
+        if self.early is not None:  # started early and never numbered
             self.early = None
-            self.opt.communicator.wire.forget()
-            self.opt.stats.dropped_rounds += 1
+            self.communicator.wire.forget()
+            self.state.drop_round(numbered=False)
         self.slot_in_flight = None
 
     def reset(self) -> None:
@@ -266,13 +303,12 @@ class Rounds:
             if self.exchange is not None:
                 self.exchange.close(timeout=CLOSE_TIMEOUT)
 
-    def _start(self, slot: int):
-        self._seal(slot, from_live=True)
-        return self.opt.communicator.start(self.opt.buffers.rounds[slot], self.opt.counters.round)
+    def _start(self, slot: int) -> Pending:
+        self.state.center.seal(slot, from_live=True)
+        return self.communicator.start(self.state.center.rounds[slot], self.state.begin_round())
 
-    def _seal(self, slot: int, from_live: bool = False) -> None:
-        # d = snapshot - center, against the center this round will be applied to: nothing
-        # changes the center between here and the round's application.
-        self.opt.buffers.seal(slot, from_live)
-        self.opt.counters.round += 1
-        self.opt.stats.rounds += 1
+    def _seal(self, slot: int) -> int:
+        """``d = snapshot - center`` against the center this round will be applied to (nothing
+        changes the center in between); number the round and return its number."""
+        self.state.center.seal(slot)
+        return self.state.begin_round()

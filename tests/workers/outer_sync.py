@@ -6,7 +6,7 @@ outer optimizer of tests.reference.OUTER_FACTORIES as "outer_optimizer".
 - "resume": uninterrupted run vs. a run saved by state_dict() at `save_at`, rebuilt from another
   initialisation, loaded and continued (the outer optimizer's momentum must travel).
 - "commit": take an elastic commit at `save_at`, train to `steps`, restore the commit (as
-  hvd.elastic does after a lost worker) and go through recovery.sync_workers, train to `steps`
+  hvd.elastic does after a lost worker) and go through horovod_elastic.sync_workers, train to `steps`
   again: both continuations must be bit-identical.
 Writes {"results": [...]} to rank{R}.json.
 """
@@ -18,7 +18,7 @@ from opt_common import (
 )
 
 import hvd_easgd
-from hvd_easgd.optim import recovery
+from hvd_easgd.optim import horovod_elastic
 from hvd_easgd.optim.center import restore_commit, take_commit
 from tests.reference import build_model, build_optimizer
 from opt_common import wrapper_kwargs
@@ -72,15 +72,14 @@ def run_commit(item, rank):
     save_at = int(item["save_at"])
     model, opt = build(case, rank)
     train_steps(case, model, opt, rank, 0, save_at)
-    commit = take_commit(opt.buffers, opt.optimizer, opt.counters)
-    opt.buffers.live_from_center()  # as sync_workers does below (x = c up to rounding here)
+    commit = take_commit(opt.round_state.center, opt.optimizer, opt.round_state.counters)
+    opt.round_state.center.live_from_center()  # as sync_workers does below (x = c up to rounding here)
     train_steps(case, model, opt, rank, save_at, case.steps)
     opt.synchronize()
     first = snapshot(case, opt, model)
     opt.rounds.drop_in_flight()  # what the state handler's restore() does
-    opt.counters = restore_commit(opt.buffers, opt.optimizer, commit)
-    opt._link()
-    recovery.sync_workers(opt)
+    opt.round_state.restore_counters(restore_commit(opt.round_state.center, opt.optimizer, commit))
+    horovod_elastic.sync_workers(opt)
     after_restore = counters(opt)
     train_steps(case, model, opt, rank, save_at, case.steps)
     opt.synchronize()
