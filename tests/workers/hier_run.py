@@ -4,7 +4,8 @@ sets; the optimizer registers the ones it needs.
 
 `--cases` is a JSON list of items {"kind": ..., "case": Case dict, ...}:
 - "match": train with case.extra (e.g. {"hierarchy": "host"}) for case.steps steps; report
-  params, center, counters, stats and the parameter bytes.
+  params, center, counters, the parameter bytes, and every collective handed to Horovod while
+  training ([family, process set ranks, bytes], tests/workers/opt_common.py's CollectiveMeter).
 - "error": construct with case.extra; report the exception (every rank must raise alike).
 - "process_set": EASGD among `ranks` via hvd_easgd.DistributedOptimizer(process_set=...); the
   other ranks try the same and must get a clear error. Run it last: the ranks outside the set
@@ -15,7 +16,7 @@ Writes {"results": [...]} to rank{R}.json.
 import warnings
 
 from opt_common import (
-    Case, hvd, local_backward, run_items, snapshot, train_steps, parse_args, write, wrapper_kwargs,
+    Case, CollectiveMeter, hvd, local_backward, run_items, snapshot, train_steps, parse_args, write, wrapper_kwargs,
 )
 
 import hvd_easgd
@@ -33,9 +34,11 @@ def build(case: Case, rank: int, **extra):
 def run_match(item, rank):
     case = Case.from_dict(item["case"])
     model, opt = build(case, rank)
-    train_steps(case, model, opt, rank, 0, case.steps)
-    opt.synchronize()
+    with CollectiveMeter() as meter:  # what this worker hands to Horovod while it trains
+        train_steps(case, model, opt, rank, 0, case.steps)
+        opt.synchronize()
     out = snapshot(case, opt, model)
+    out["collectives"] = [[c.family, list(c.ranks), c.nbytes] for c in meter.calls]
     out["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     out["alpha"] = opt.alpha
     opt.close()
