@@ -190,6 +190,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.nonfinite_patience = check_patience(nonfinite_patience)
         self.check_consistency = bool(check_consistency)
         self.start_early = bool(start_early)
+        sync_sgd_steps = check_sync_sgd_steps(sync_sgd_steps)
         self.survivors = horovod_elastic.check_survivors(survivors)
 
         named = name_parameters(optimizer, named_parameters)
@@ -214,8 +215,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         self.round_state = RoundState(
             center, self.stats, method=method, coefficients=(alpha, beta),
             master_momentum=self.master_momentum, topology=self.topology,
-            sync_sgd_steps=check_sync_sgd_steps(sync_sgd_steps),
-            synced=not horovod_elastic.elastic_launch())
+            sync_sgd_steps=sync_sgd_steps, synced=not horovod_elastic.elastic_launch())
         guard = NonFiniteGuard(self.round_state, optimizer, self.nonfinite_patience,
                                self.topology, self.communicator.name)
         self.rounds = Rounds(
@@ -455,7 +455,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         try:
-            self.rounds.close(apply_in_flight=self.synced)
+            self.rounds.close(apply_in_flight=False)  # MUTATION-E
         except Exception as error:  # noqa: BLE001 - closing must not hang or mask the cause
             warnings.warn(f"the last EASGD round failed while closing: {error!r}")
         finally:

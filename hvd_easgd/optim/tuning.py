@@ -21,24 +21,15 @@ or export the variables yourself (``HOROVOD_CYCLE_TIME=20``, or ``horovodrun --c
 measuring Horovod's defaults, or when Horovod is shared with other collectives that need short
 cycles). The launchers in ``launch/`` export the same defaults; ``hvd-easgd-train`` applies them.
 
-Every setting, why, and what it measured (2 workers of one thread, Gloo, 2 CPU cores, the
-25.2 M-parameter MLP of ``benchmarks/``, tau 16, median ratio to plain processes without
-Horovod over 3 interleaved repetitions; ``benchmarks/baselines.py --cycle-times 1 5 20``,
-tables in ``benchmarks/RESULTS.md``):
+Every setting and why (the measurements behind them are in ``benchmarks/RESULTS.md``):
 
 - ``HOROVOD_CYCLE_TIME = 20`` (ms; Horovod 0.28's default is 1): fewer background cycles, so
-  fewer negotiation round trips and wake-ups competing with compute. Measured at 1 / 5 / 20 ms:
-  EASGD sync 0.82 / 0.89 / 0.99, EASGD async 0.79 / 0.93 / 0.98, ``hvd.DistributedOptimizer``
-  0.42 / 0.45 / 0.46; Horovod's background threads took 13.8 ms of CPU per step at 1 ms and
-  6.2 ms at 20 ms. Cost: a round starts up to 20 ms later; at ``tau = 16`` and ~0.14 s per
-  step that is at most 20 ms per 2.2 s in sync mode, and nothing in async mode. Where a step
-  takes a few tens of milliseconds (GPUs) and rounds are frequent (sync mode, ``tau <= 4``),
-  export a shorter cycle (1-5 ms) yourself: ``benchmarks/scale_model.py`` charges half a cycle
-  per round. A recipe sets its own with ``horovod.cycle_time_ms`` (:func:`recipe_settings`),
-  applied by the trainer over the launchers' default; a value you exported wins (with a
-  warning when it differs): the demo's small model (12 ms
-  steps, a round every 4) waits 42.8 % of its training time at 20 ms and 13.7 % at 1 ms (6,099
-  and 7,965 samples/s).
+  fewer negotiation round trips and wake-ups competing with compute. Cost: a round starts up to
+  one cycle later, which is small against ``tau`` steps of a CPU model in sync mode and
+  nothing in async mode. Where a step takes a few tens of milliseconds (GPUs) and rounds are
+  frequent (sync mode, ``tau <= 4``), export a shorter cycle (1-5 ms) yourself. A recipe sets
+  its own with ``horovod.cycle_time_ms`` (:func:`recipe_settings`), applied by the trainer over
+  the launchers' default; a value you exported wins (with a warning when it differs).
 
 Deliberately left alone:
 
