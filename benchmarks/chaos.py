@@ -86,7 +86,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -116,9 +116,10 @@ PREFIX = re.compile(r"^\[(\d+)\]<(?:stdout|stderr)>:(.*)$")
 # ---------------------------------------------------------------------- the schedule
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fault:
-    """One scheduled event and what happened to it (times: seconds since the job started)."""
+    """One scheduled event and what happened to it (times: seconds since the job started).
+    A run's :class:`Chaos` records what happened by replacing its faults."""
 
     action: str  # kill | join
     at_epoch: float
@@ -349,7 +350,7 @@ class Chaos:
 
     def __init__(self, faults: List[Fault], out: Output, hosts_file: Path, job: int,
                  event_timeout: float, min_gap: float) -> None:
-        self.faults, self.out, self.hosts_file, self.job = faults, out, hosts_file, job
+        self.faults, self.out, self.hosts_file, self.job = list(faults), out, hosts_file, job
         self.event_timeout, self.min_gap = event_timeout, min_gap
         self.next = 0  # index of the event in progress (fired, not done) or next to fire
         self.victim: Optional[str] = None  # the host killed every time: rank 1's at the first kill
@@ -365,7 +366,8 @@ class Chaos:
                         self.out.two_workers_after)(f.fired)
                 if done is None:
                     return
-                f.done, f.done_epoch, f.recover_s = done.t, done.epoch, round(done.t - f.fired, 2)
+                self.faults[self.next] = replace(f, done=done.t, done_epoch=done.epoch,
+                                                 recover_s=round(done.t - f.fired, 2))
                 self.next += 1
                 if self.next >= len(self.faults):
                     return
@@ -376,27 +378,33 @@ class Chaos:
                 self.fire(f, t, step)
 
     def fire(self, f: Fault, t: float, step: Step) -> None:
-        f.fired, f.epoch, f.loss = t, step.epoch, step.loss
-        f.accuracy = self.out.last_accuracy()
+        """Carry out ``f`` (the event at ``self.next``) now, and record it."""
+        f = replace(f, fired=t, epoch=step.epoch, loss=step.loss,
+                    accuracy=self.out.last_accuracy())
         if f.action == "join":
             write_hosts(self.hosts_file, HOSTS)
-            return
+        else:
+            f = self.kill(f)
+        self.faults[self.next] = f
+
+    def kill(self, f: Fault) -> Fault:
+        """SIGKILL every worker of the victim host (rank 1's at the first kill), unlist it."""
         procs = workers(self.job)
         if self.victim is None:
             self.victim = next((env["HOROVOD_HOSTNAME"] for _, env in procs
                                 if env.get("HOROVOD_RANK") == "1"), None)
-        f.host = self.victim
-        f.pids = [pid for pid, env in procs if env["HOROVOD_HOSTNAME"] == self.victim]
-        for pid in f.pids:
+        pids = [pid for pid, env in procs if env["HOROVOD_HOSTNAME"] == self.victim]
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         write_hosts(self.hosts_file, [h for h in HOSTS if h != self.victim])
         deadline = time.monotonic() + 5
-        while not all(map(is_dead, f.pids)) and time.monotonic() < deadline:
+        while not all(map(is_dead, pids)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        f.pids_gone = bool(f.pids) and all(map(is_dead, f.pids))
+        return replace(f, host=self.victim, pids=pids,
+                       pids_gone=bool(pids) and all(map(is_dead, pids)))
 
     def overdue(self, now: float) -> Optional[str]:
         """Why the run should stop now (an event not done within the timeout), or None."""
@@ -469,7 +477,7 @@ def run_job(command: List[str], out: Output, faults: List[Fault], work: Path, na
                 stop_job(proc)
                 code = "hung"
     reader.join(10)
-    return summarize(out, faults, code, problem, time.monotonic() - started, log_path)
+    return summarize(out, chaos.faults, code, problem, time.monotonic() - started, log_path)
 
 
 def stop_job(proc: subprocess.Popen) -> None:

@@ -101,10 +101,10 @@ def synthetic_batch(spec: "ModelSpec", batch: int, rank: int):
             torch.randint(0, spec.num_classes, (batch,), generator=gen))
 
 
-def fresh_model(spec: "ModelSpec", lr: float):
+def fresh_model(spec: "ModelSpec", lr: float, device: Optional[torch.device] = None):
     """The model every benchmark variant starts from (seed 0) and its ``SGD(momentum=0.9)``."""
     torch.manual_seed(0)
-    model = spec.build()
+    model = spec.build().to(device or "cpu")
     return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
@@ -114,6 +114,27 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+def distribute(base: torch.optim.Optimizer, model: nn.Module, method: Optional[str],
+               tau: Optional[int] = None, mode: str = "sync", compression: Any = None,
+               **elastic: Any) -> torch.optim.Optimizer:
+    """The benchmarks' one mapping from a method to the optimizer that distributes ``base``:
+    ``None``: ``base`` alone (no communication); ``"sgd"``: ``hvd.DistributedOptimizer``
+    (synchronous SGD, the parameters broadcast from rank 0 first); any other name:
+    ``hvd_easgd.ElasticOptimizer(method=...)`` with ``tau``, ``mode`` and ``elastic``."""
+    if method is None:
+        return base
+    import horovod.torch as hvd
+
+    wire = {} if compression is None else {"compression": compression}
+    if method == "sgd":
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), **wire)
+    import hvd_easgd
+
+    return hvd_easgd.ElasticOptimizer(base, model.named_parameters(), tau=tau, method=method,
+                                      mode=mode, **wire, **elastic)
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -138,6 +159,48 @@ def device_sync(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock timings include it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A timed window of training: wall-clock, this process's CPU, the machine's busy CPU."""
+
+    seconds: float
+    cpu_seconds: float
+    machine_busy_seconds: Optional[float]
+
+
+def timed_window(step: Callable[[], None], steps: int) -> Window:
+    """Run ``step`` ``steps`` times and time it (wall-clock, CPU, the machine's busy time)."""
+    busy0, cpu0 = machine_busy_seconds(), time.process_time()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - started
+    cpu, busy1 = time.process_time() - cpu0, machine_busy_seconds()
+    return Window(elapsed, cpu, None if busy0 is None or busy1 is None else busy1 - busy0)
+
+
+class Patches:
+    """Library functions replaced by counting wrappers, and put back by :meth:`close`.
+
+    The benchmarks count collectives from outside the code they measure: by wrapping the
+    library's own entry points (Horovod's, torch.distributed's) for the length of a run.
+    """
+
+    def __init__(self) -> None:
+        self._saved: List[tuple] = []
+
+    def wrap(self, module: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+        """Replace ``module.name`` by ``make(original)``."""
+        original = getattr(module, name)
+        setattr(module, name, make(original))
+        self._saved.append((module, name, original))
+
+    def close(self) -> None:
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved.clear()
 
 
 # ------------------------------------------------------------------------------ Horovod meter
@@ -175,16 +238,11 @@ class CollectiveMeter:
         self.calls = 0
         self.bytes = 0
         self.blocked_seconds = 0.0
-        self._patched: List[tuple] = []
-        self._patch(mpi_ops, "_allreduce_async", self._count_single)
-        self._patch(mpi_ops, "_grouped_allreduce_async", self._count_group)
+        self._patches = Patches()
+        self._patches.wrap(mpi_ops, "_allreduce_async", self._count_single)
+        self._patches.wrap(mpi_ops, "_grouped_allreduce_async", self._count_group)
         for module in (mpi_ops, hvd_pkg, hvd_opt):
-            self._patch(module, "synchronize", self._timed)
-
-    def _patch(self, module: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        original = getattr(module, name)
-        setattr(module, name, make(original))
-        self._patched.append((module, name, original))
+            self._patches.wrap(module, "synchronize", self._timed)
 
     def _count_single(self, original: Callable) -> Callable:
         def counted(tensor, output, *args, **kwargs):
@@ -234,9 +292,7 @@ class CollectiveMeter:
 
     def close(self) -> None:
         """Restore Horovod's original functions."""
-        for module, name, original in reversed(self._patched):
-            setattr(module, name, original)
-        self._patched.clear()
+        self._patches.close()
 
 
 def thread_cpu_seconds() -> Optional[Dict[str, float]]:
@@ -285,8 +341,8 @@ def machine_busy_seconds() -> Optional[float]:
 
 
 def environment() -> Dict[str, Any]:
-    """Versions and machine, for the JSON record."""
-    import horovod
+    """Versions and machine, for the JSON record (Horovod's version without importing it)."""
+    from importlib.metadata import version
 
     cpu = "unknown"
     try:
@@ -298,7 +354,7 @@ def environment() -> Dict[str, Any]:
         pass
     return {
         "torch": torch.__version__,
-        "horovod": horovod.__version__,
+        "horovod": version("horovod"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": cpu,

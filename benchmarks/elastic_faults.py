@@ -87,10 +87,20 @@ def write_digits_as_mnist(root: Path, train_copies: int, test_size: int = 360) -
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
 
 
-def variant_script(example: Path, variant: str, work: Path) -> Path:
-    """The example itself, or with its one optimizer line swapped."""
+def with_swaps(items: List[str]) -> Dict[str, Optional[str]]:
+    """``VARIANTS`` plus one variant per ``NAME=KWARGS``: the example's optimizer line swapped
+    for ``hvd_easgd.DistributedOptimizer(KWARGS, optimizer=...)``."""
+    pairs = [item.split("=", 1) for item in items]
+    return {**VARIANTS, **{name: "import hvd_easgd; optimizer = hvd_easgd.DistributedOptimizer("
+                                 f"{kwargs}, optimizer=" for name, kwargs in pairs}}
+
+
+def variant_script(example: Path, variant: str, work: Path,
+                   variants: Optional[Dict[str, Optional[str]]] = None) -> Path:
+    """The example itself, or with its one optimizer line swapped (``variants``: the swaps,
+    ``VARIANTS`` by default)."""
     text = example.read_text()
-    swap = VARIANTS[variant]
+    swap = (variants or VARIANTS)[variant]
     if swap is not None:
         line = next((ln for ln in text.splitlines() if HORovod_CALL in ln), None)
         if line is None:
@@ -174,11 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    for item in args.swap:
-        name, kwargs = item.split("=", 1)
-        VARIANTS[name] = f"import hvd_easgd; optimizer = hvd_easgd.DistributedOptimizer({kwargs}, optimizer="
-        args.variants.append(name)
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    variants = with_swaps(args.swap)
+    chosen = args.variants + [item.split("=", 1)[0] for item in args.swap]
+    unknown = [v for v in chosen if v not in variants]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}: use {sorted(VARIANTS)} or add one with --swap")
     work = Path(tempfile.mkdtemp(prefix="hvd_easgd_elastic_"))
@@ -188,8 +196,8 @@ def main(argv=None) -> int:
             f"kill@epoch{E}": (E, None)}
     results: Dict[str, List[dict]] = {}
     for rep in range(args.reps):
-        for variant in args.variants:
-            script = variant_script(args.example, variant, work)
+        for variant in chosen:
+            script = variant_script(args.example, variant, work, variants)
             for fault, (kill, epochs) in runs.items():
                 if rep and kill is None:  # no fault: the same numbers every time
                     results[f"{variant} / {fault}"].append(results[f"{variant} / {fault}"][0])

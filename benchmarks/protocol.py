@@ -6,8 +6,6 @@ A plain program: it starts one ``horovodrun`` job per worker count itself::
         --png benchmarks/figures/protocol.png           # the full protocol, about an hour here
     python benchmarks/protocol.py --quick --json q.json --png q.png   # CI, about two minutes
 
-(``python benchmarks/accuracy.py --protocol paper ...`` is the same.)
-
 For each method (EASGD, EAMSGD, DOWNPOUR, MDOWNPOUR, averaging, Horovod's sync SGD, and DiLoCo
 where hvd_easgd has ``method="diloco"``) and tau in {1, 4, 16, 64}: three learning rates a
 factor 3 apart (``LR_GRID``) run once, extended by another factor 3 while the best rate is at
@@ -43,12 +41,13 @@ if __package__ in (None, ""):
 
 import horovod.torch as hvd
 import torch
-import torch.nn.functional as F
 
-from benchmarks.accuracy import (ALL_METHODS, BETA, DEFAULT_LR, MASTER_MOMENTUM, MOMENTUM,
-                                 WEIGHT_DECAY, Config, build_configs, build_optimizer)
 from benchmarks.common import environment, format_table, setup_worker, write_json
+from benchmarks.digits import (BETA, DEFAULT_LR, MASTER_MOMENTUM, METHODS, MOMENTUM,
+                               WEIGHT_DECAY, Config, RunPlan, build_configs, train_run)
 
+#: methods in the order of the tables
+ALL_METHODS = tuple(METHODS)
 
 PROTOCOL_METHODS = ("easgd", "eamsgd", "downpour", "mdownpour", "average", "sgd")
 #: Rates tried first: a factor GRID_STEP apart around the rate an earlier grid search chose on
@@ -56,7 +55,7 @@ PROTOCOL_METHODS = ("easgd", "eamsgd", "downpour", "mdownpour", "average", "sgd"
 #: smaller rate.
 GRID_STEP = 3.0
 LR_GRID = {m: (DEFAULT_LR[m] / GRID_STEP, DEFAULT_LR[m], DEFAULT_LR[m] * GRID_STEP)
-           for m in ALL_METHODS}
+           for m in METHODS}
 #: While the best rate is the largest (smallest) tried, try one a factor GRID_STEP beyond it,
 #: at most this many times: a best rate at the edge of its grid says the grid was too narrow.
 GRID_EXTEND = 2
@@ -109,32 +108,34 @@ class ProtocolSettings:
 
 def protocol_methods() -> Tuple[str, ...]:
     """PROTOCOL_METHODS, plus DiLoCo when hvd_easgd offers ``method="diloco"``."""
-    try:
-        from hvd_easgd.optim.outer import OUTER_METHODS
-    except ImportError:
-        return PROTOCOL_METHODS
+    from hvd_easgd.optim import OUTER_METHODS
+
     return PROTOCOL_METHODS + (("diloco",) if "diloco" in OUTER_METHODS else ())
 
 
-def check_protocol_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    """Fill the protocol's defaults (full or --quick) and reject what it cannot run."""
+def with_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments with the protocol's defaults filled in (full or --quick); what it cannot
+    run is refused with the flag to change."""
     quick = args.quick
-    args.taus = args.taus or ([1, 16] if quick else [1, 4, 16, 64])
-    args.workers = args.workers or ([2] if quick else [2, 4])
-    args.seeds = args.seeds or (2 if quick else 3)
-    args.tasks = args.tasks or (["digits-hard"] if quick else list(TASKS))
-    if args.more_workers_tasks is None:
-        args.more_workers_tasks = ["digits-hard"]
-    args.steps = args.steps or (40 if quick else PROTOCOL_STEPS)
-    args.eval_every = args.eval_every or (8 if quick else PROTOCOL_EVAL_EVERY)
+    args = argparse.Namespace(**{**vars(args), **{
+        "methods": args.methods or list(protocol_methods()),
+        "taus": args.taus or ([1, 16] if quick else [1, 4, 16, 64]),
+        "workers": args.workers or ([2] if quick else [2, 4]),
+        "seeds": args.seeds or (2 if quick else 3),
+        "tasks": args.tasks or (["digits-hard"] if quick else list(TASKS)),
+        "more_workers_tasks": (["digits-hard"] if args.more_workers_tasks is None
+                               else args.more_workers_tasks),
+        "steps": args.steps or (40 if quick else PROTOCOL_STEPS),
+        "eval_every": args.eval_every or (8 if quick else PROTOCOL_EVAL_EVERY)}})
     if "diloco" in args.methods and "diloco" not in protocol_methods():
-        p.error("--methods diloco: this hvd_easgd has no method='diloco' (hvd_easgd/optim/outer.py)")
+        p.error("--methods diloco: this hvd_easgd has no method='diloco'")
     if any(w < 1 for w in args.workers) or any(t < 1 for t in args.taus) or args.seeds < 1 \
             or args.steps < 1 or args.eval_every < 1 or args.batch < 1:
         p.error("--workers, --taus, --seeds, --steps, --eval-every and --batch must be >= 1")
     if args.steps < args.eval_every * SELECT_LAST:
         p.error(f"--steps must allow at least {SELECT_LAST} evaluations "
                 f"(--steps >= {SELECT_LAST} x --eval-every)")
+    return args
 
 
 def tasks_for(args: argparse.Namespace, workers: int) -> List[str]:
@@ -154,12 +155,11 @@ def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
 # ------------------------------------------------------------------------------ data
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskData:
     train: Any
     val_loader: Any
     test_loader: Any
-    num_classes: int
 
 
 def split_task(task: Task) -> Tuple[Any, Any, Any]:
@@ -193,96 +193,21 @@ def task_data(task: Task) -> TaskData:
     rank, size = hvd.rank(), hvd.size()
     train, val, test = split_task(task)
     return TaskData(train, eval_loader(val, 256, rank=rank, world_size=size),
-                    eval_loader(test, 256, rank=rank, world_size=size), 10)
-
-
-# ------------------------------------------------------------------------------ one run
-
-
-@torch.no_grad()
-def center_errors(model: torch.nn.Module, loaders: Sequence[Any]) -> Tuple[float, ...]:
-    """Error on each whole set (split over the workers), in one allreduce."""
-    model.eval()
-    counts = []
-    for loader in loaders:
-        wrong = total = 0
-        for x, y in loader:
-            wrong += int((model(x).argmax(1) != y).sum())
-            total += len(y)
-        counts += [wrong, total]
-    model.train()
-    got = hvd.allreduce(torch.tensor(counts, dtype=torch.float64), op=hvd.Sum,
-                        name="accuracy.protocol.eval").tolist()
-    return tuple(got[i] / got[i + 1] for i in range(0, len(got), 2))
+                    eval_loader(test, 256, rank=rank, world_size=size))
 
 
 def protocol_run(config: Config, lr: float, seed: int, data: TaskData,
                  settings: ProtocolSettings) -> Dict[str, Any]:
     """One run: the same initial model as every other run; ``seed`` sets data order and
     dropout. History of (training seconds, steps, validation error, test error)."""
-    from hvd_easgd.train.data import train_loader
-    from hvd_easgd.train.models import build_model
-
-    torch.manual_seed(INIT_SEED)
-    model = build_model("digits_net", data.num_classes, in_channels=1)
-    center = build_model("digits_net", data.num_classes, in_channels=1)
-    opt = build_optimizer(config, model, lr)
-    train = train_loader(data.train, settings.batch, rank=hvd.rank(), world_size=hvd.size(),
-                         seed=seed)
-    torch.manual_seed(1000 * seed + 1 + hvd.rank())  # dropout
-
-    def evaluate() -> Tuple[float, float]:
-        net = model
-        if config.method != "sgd":
-            center.load_state_dict(opt.center_state_dict(), strict=False)
-            net = center
-        return center_errors(net, (data.val_loader, data.test_loader))
-
-    history = [(0.0, 0, *evaluate())]
-    try:
-        diverged = train_for(model, opt, train, settings, evaluate, history)
-    finally:
-        if config.method != "sgd":
-            opt.close()
+    plan = RunPlan(config.method, config.tau, lr, init_seed=INIT_SEED, data_seed=seed,
+                   dropout_seed=1000 * seed + 1, steps=settings.steps,
+                   eval_every=settings.eval_every, batch=settings.batch)
+    run = train_run(plan, data.train, (data.val_loader, data.test_loader))
     return {"method": config.method, "tau": config.tau, "lr": lr, "seed": seed,
-            "diverged": diverged,
-            "history": [{"seconds": t, "steps": s, "val_error": v, "test_error": e}
-                        for t, s, v, e in history]}
-
-
-def train_for(model, opt, train, settings: ProtocolSettings, evaluate,
-              history: List[tuple]) -> bool:
-    """Train ``settings.steps`` steps, evaluating every ``eval_every``; True if it diverged
-    (a non-finite loss on any worker, or hvd_easgd's NonFiniteError on every worker alike)."""
-    from hvd_easgd.optim.recovery import NonFiniteError
-
-    clock, step, epoch = 0.0, 0, 0
-    while step < settings.steps:
-        train.sampler.set_epoch(epoch)
-        for x, y in train:
-            started = time.perf_counter()
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            try:
-                opt.step()
-            except NonFiniteError:
-                history.append((clock, step + 1, 0.9, 0.9))
-                return True
-            clock += time.perf_counter() - started
-            step += 1
-            if step % settings.eval_every == 0 or step == settings.steps:
-                flags = hvd.allreduce(torch.tensor(
-                    [clock, 0.0 if math.isfinite(loss.item()) else 1.0], dtype=torch.float64),
-                    op=hvd.Max, name="accuracy.protocol.clock")
-                if flags[1] > 0:
-                    history.append((float(flags[0]), step, 0.9, 0.9))
-                    return True
-                history.append((float(flags[0]), step, *evaluate()))
-            if step >= settings.steps:
-                break
-        epoch += 1
-    return False
+            "diverged": run["diverged"],
+            "history": [{"seconds": h["seconds"], "steps": h["steps"], "val_error": h["errors"][0],
+                         "test_error": h["errors"][1]} for h in run["history"]]}
 
 
 # ------------------------------------------------------------------------------ grid + seeds
@@ -325,12 +250,10 @@ def tune_and_repeat(config: Config, data: TaskData, settings: ProtocolSettings,
         if lr is None:
             break
         tried.append(run_at(lr))
-    best = best_of(tried)
-    best["chosen"] = True
-    rates = sorted(r["lr"] for r in tried)
-    for run in tried:
-        run["val_score"] = selection_score(run)
-        run["grid_edge"] = run["lr"] in (rates[0], rates[-1])
+    best, rates = best_of(tried), sorted(r["lr"] for r in tried)
+    tried = [dict(r, chosen=r is best, val_score=selection_score(r),
+                  grid_edge=r["lr"] in (rates[0], rates[-1])) for r in tried]
+    best = next(r for r in tried if r["chosen"])
     scores = ", ".join(f"{r['lr']:.3g}: {r['val_score']:.1%}"
                        for r in sorted(tried, key=lambda r: r["lr"]))
     log(f"  {config.name:>16}: validation {scores}"
@@ -367,9 +290,9 @@ def protocol_driver(args: argparse.Namespace) -> Dict[str, Any]:
     if args.from_json:
         payload = json.loads(Path(args.from_json).read_text())
         runs, seconds = payload["runs"], payload["job_seconds"]
-        for key in ("workers", "tasks", "taus", "methods", "seeds", "steps", "eval_every",
-                    "batch", "quick", "more_workers_tasks"):
-            setattr(args, key, payload["config"][key])
+        args = argparse.Namespace(**{**vars(args), **{key: payload["config"][key] for key in (
+            "workers", "tasks", "taus", "methods", "seeds", "steps", "eval_every", "batch",
+            "quick", "more_workers_tasks")}})
     else:
         runs, seconds = [], {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -775,10 +698,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="summarise and plot a saved JSON instead of running")
     p.add_argument("--protocol-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.methods is None:
-        args.methods = list(protocol_methods())
-    check_protocol_args(args, p)
-    return args
+    return with_defaults(args, p)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:

@@ -400,11 +400,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--probe-bytes", type=int, default=4 * 25_200_000, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.easgd_cycle_ms is None:
-        from hvd_easgd.optim.tuning import HOROVOD_SETTINGS
+    if args.easgd_cycle_ms is not None:
+        return args
+    from hvd_easgd.optim import HOROVOD_SETTINGS
 
-        args.easgd_cycle_ms = float(HOROVOD_SETTINGS.get("HOROVOD_CYCLE_TIME", 1))
-    return args
+    return argparse.Namespace(**{**vars(args), "easgd_cycle_ms": float(
+        HOROVOD_SETTINGS.get("HOROVOD_CYCLE_TIME", 1))})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -24,7 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import List
 
-from elastic_faults import ACCURACY, REPO, VARIANTS, run_once, variant_script, write_digits_as_mnist
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.elastic_faults import (ACCURACY, REPO, VARIANTS, run_once,  # noqa: E402
+                                       variant_script, with_swaps, write_digits_as_mnist)
 
 
 def run_plain(script: Path, data: Path, work: Path, np: int, timeout: float) -> List[float]:
@@ -52,20 +56,17 @@ def main(argv=None) -> int:
     ap.add_argument("--test-size", type=int, default=297)
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args(argv)
-    for item in args.swap:
-        name, kwargs = item.split("=", 1)
-        VARIANTS[name] = f"import hvd_easgd; optimizer = hvd_easgd.DistributedOptimizer({kwargs}, optimizer="
-        args.variants.append(name)
+    variants = with_swaps(args.swap)
     work = Path(tempfile.mkdtemp(prefix="hvd_easgd_parity_"))
     write_digits_as_mnist(work / "data", 1, args.test_size)
     rows = []
-    for variant in args.variants:
-        curve = run_plain(variant_script(args.example, variant, work), work / "data", work, 2,
-                          args.timeout)
+    for variant in args.variants + [item.split("=", 1)[0] for item in args.swap]:
+        curve = run_plain(variant_script(args.example, variant, work, variants), work / "data",
+                          work, 2, args.timeout)
         elastic = "-"
         if args.elastic_example is not None:
-            res = run_once(variant_script(args.elastic_example, variant, work), work / "data",
-                           work, None, args.timeout)
+            res = run_once(variant_script(args.elastic_example, variant, work, variants),
+                           work / "data", work, None, args.timeout)
             elastic = f"{res['accuracy']:.2f}" if res["accuracy"] is not None else f"exit {res['exit']}"
         rows.append((variant, curve, elastic))
         print(f"{variant}: {curve[-1]:.2f} (elastic {elastic})", flush=True)

@@ -1,4 +1,4 @@
-"""benchmarks/protocol.py (accuracy.py --protocol paper): the splits, the rate selection (validation only), the
+"""benchmarks/protocol.py: the splits, the rate selection (validation only), the
 noise-aware verdicts, and the --quick variant end to end (it starts its own horovodrun job)."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_stability_claim_held_only_when_downpour_degrades_beyond_the_noise():
 def test_quick_protocol_end_to_end(tmp_path):
     out, png = tmp_path / "protocol.json", tmp_path / "protocol.png"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/accuracy.py", "--protocol", "paper", "--quick",
+        [sys.executable, "benchmarks/protocol.py", "--quick",
          "--json", str(out), "--png", str(png)], cwd=str(REPO), env=worker_env(),
         capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stderr[-4000:]
