@@ -11,48 +11,86 @@
 - "resume": as in opt_sync.py (state_dict() must synchronize the round in flight).
 - "close": context manager, close() twice, step() after close.
 - "wait_cpu": CPU the training thread uses while a round is late, for the mode of the case.
-`--what noclose`: after the items, leave an async optimizer with a round in flight unclosed and
-exit normally (atexit must finish it).
+- "noclose" (last): an async optimizer left unclosed with a round in flight; the job exits
+  normally, atexit must land the round: the model and center after the exit handlers go to
+  `noclose{R}.json` in the item's "out".
 Writes {"results": [...]} to rank{R}.json.
 """
 
+import atexit
 import threading
 import time
+from pathlib import Path
 
 from opt_common import (
-    Case, build, counters, error_text, init, parse_args, run_items, snapshot, train_steps, write,
+    Case, CollectiveMeter, build, center_list, counters, error_text, init, parse_args, run_items, snapshot,
+    train_steps, write,
 )
 from opt_sync import run_match, run_resume
+from tests.hvdrun import write_json_atomic
 from tests.reference import flat, local_backward
+
+
+class StepClock:
+    """The training thread's "step t has started", read by the exchange thread: a condition
+    variable, so the reader sees every write and can sleep until the count it waits for."""
+
+    def __init__(self) -> None:
+        self._started = 0
+        self._changed = threading.Condition()
+
+    def start(self, step: int) -> None:
+        with self._changed:
+            self._started = step
+            self._changed.notify_all()
+
+    def now(self) -> int:
+        with self._changed:
+            return self._started
+
+    def wait_for(self, step: int, timeout: float) -> int:
+        """Wait until step ``step`` has started (at most ``timeout`` s); return the current one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._started >= step, timeout=timeout)
+            return self._started
 
 
 def run_overlap(item, rank):
     """A deliberately slow exchange: the wait for each round holds it on the wire until the
     training thread has started `hold` more steps (at most `delay` s: in sync mode the wait runs
     on the training thread itself, which then cannot step). Per round, report how many steps
-    training took while the round was on the wire, and whether the wait ran on the training
+    training started while the round was on the wire, and whether the wait ran on the training
     thread."""
     case = Case.from_dict(item["case"])
     model, base, opt = build(case, rank)
     hold, delay = int(item["hold"]), float(item["delay"])
     original = opt.communicator.wait
-    rounds = []
+    clock, rounds, rounds_lock = StepClock(), [], threading.Lock()
+    # the step in which each round's allreduce was handed to Horovod (on the training thread)
+    meter = CollectiveMeter(stamp=clock.now)
 
     def wait(*args, **kwargs):
-        started = opt.step_count
-        give_up = time.monotonic() + delay
-        while opt.step_count < started + hold and time.monotonic() < give_up:
-            time.sleep(0.002)
+        with rounds_lock:
+            index = len(rounds)
+            rounds.append(None)
+        started = meter.of("allreduce")[index].stamp
+        now = clock.wait_for(started + hold, timeout=delay)
         result = original(*args, **kwargs)
-        rounds.append({"handed_off_at": started, "steps_on_wire": opt.step_count - started,
-                       "training_thread": threading.current_thread() is threading.main_thread()})
+        with rounds_lock:
+            rounds[index] = {"handed_off_at": started, "steps_on_wire": now - started,
+                             "training_thread": threading.current_thread() is threading.main_thread()}
         return result
 
     opt.communicator.wait = wait
-    train_steps(case, model, opt, rank, 0, case.steps)
+    with meter:
+        for t in range(1, case.steps + 1):
+            local_backward(model, opt, case, rank, t)
+            clock.start(t)
+            opt.step()
     opt.synchronize()
     out = snapshot(case, opt, model)
-    out["rounds"] = rounds
+    with rounds_lock:
+        out["rounds"] = list(rounds)
     opt.close()
     return out
 
@@ -172,19 +210,32 @@ def run_wait_cpu(item, rank):
     return out
 
 
+def run_noclose(item, rank):
+    """Leave an async optimizer unclosed with its last round in flight (the job's last item).
+    An exit handler registered before the optimizer's (so it runs after it) writes what the
+    model and the center are once the interpreter's exit handlers ran: `noclose{R}.json`."""
+    case = Case.from_dict(item["case"])
+    kept = {}
+
+    def report_after_exit_handlers():
+        model, opt = kept["model"], kept["opt"]
+        write_json_atomic(Path(item["out"]) / f"noclose{rank}.json",
+                          {"params": flat(model.parameters()), "center": center_list(opt, model)})
+
+    atexit.register(report_after_exit_handlers)
+    model, base, opt = build(case, rank)
+    kept.update(model=model, opt=opt)
+    train_steps(case, model, opt, rank, 0, case.steps)  # the last round is still in flight
+    return {}
+
+
 def main():
     args = parse_args()
     rank, size = init()
     results = run_items(args, rank, {"match": run_match, "overlap": run_overlap,
                                      "boom": run_boom, "close": run_close,
                                      "settle": run_settle, "resume": run_resume,
-                                     "wait_cpu": run_wait_cpu})
-    if args.what == "noclose":
-        case = Case(mode="async", tau=2, steps=5)
-        model, base, opt = build(case, rank)
-        train_steps(case, model, opt, rank, 0, case.steps)  # round 2 is in flight, never closed
-        results.append({"ok": True, "noclose_rounds": opt.round_count})
-        globals()["_keep_alive"] = opt
+                                     "wait_cpu": run_wait_cpu, "noclose": run_noclose})
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 
