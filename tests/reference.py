@@ -148,6 +148,15 @@ def flat(tensors) -> List[float]:
     return [float(v) for t in tensors for v in t.detach().reshape(-1).tolist()]
 
 
+def landing_steps(case: Case) -> List[int]:
+    """The steps at whose end a good exchange has moved the center (p > 1): every
+    synchronous-SGD step (``extra["sync_sgd_steps"]``), then every round step in sync mode, or
+    every round step after the first in async mode (a round lands at the next one)."""
+    warmup = min(int(case.extra.get("sync_sgd_steps", 0)), case.steps)
+    rounds = [t for t in range(warmup + 1, case.steps + 1) if (t - warmup) % case.tau == 0]
+    return list(range(1, warmup + 1)) + (rounds if case.mode == "sync" else rounds[1:])
+
+
 # --------------------------------------------------------------------------------------------
 # The reference
 # --------------------------------------------------------------------------------------------
