@@ -116,6 +116,15 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_worker_rng(seed: int, rank: int, step: int) -> None:
+    """Seed torch, numpy and python's RNGs for worker ``rank`` from step ``step``: a fresh start,
+    or a resume whose checkpoint holds no RNG state for this worker (another world size)."""
+    s = (int(seed) * 1_000_003 + int(rank) * 7919 + int(step)) % (2**31 - 1)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoint files
 # --------------------------------------------------------------------------------------------

@@ -27,13 +27,30 @@ from omegaconf.errors import OmegaConfBaseException
 
 BASE_KEY = "_base_"
 
-METHODS = (
-    "easgd", "eamsgd", "downpour", "mdownpour", "average", "adownpour", "mvadownpour",
-    "sync_sgd", "sgd", "msgd", "diloco",
-)
-LOCAL_OPTIMIZERS = ("sgd", "adamw")
-SINGLE_WORKER_METHODS = ("sgd", "msgd")
+#: The algorithm's methods and modes (``hvd_easgd.optim.METHODS``, ``CENTER_AVERAGES``,
+#: ``MODES``), spelled here because this module loads without torch or Horovod; a test keeps
+#: them equal to the algorithm's.
+ALGORITHM_METHODS = ("easgd", "downpour", "mdownpour", "average", "diloco")
+CENTER_AVERAGES = ("running", "moving")
 MODES = ("sync", "async")
+
+#: What only the trainer adds on top of an algorithm method: EAMSGD's local Nesterov momentum,
+#: downpour evaluated and shipped as the running / moving average of its center.
+TRAINER_VARIANTS = {
+    "easgd": {"eamsgd": ("easgd", True, None)},
+    "downpour": {"adownpour": ("downpour", False, "running"),
+                 "mvadownpour": ("downpour", False, "moving")},
+}
+#: optimizer.method -> (the algorithm's method, local Nesterov momentum, the center average that
+#: is evaluated and shipped): each algorithm method under its own name, then its variants.
+ELASTIC_METHODS = {name: how for m in ALGORITHM_METHODS
+                   for name, how in {m: (m, False, None), **TRAINER_VARIANTS.get(m, {})}.items()}
+#: Methods only the trainer has: Horovod's synchronous SGD, and one model per worker with no
+#: communication at all (plain and Nesterov-momentum SGD).
+SYNC_METHOD = "sync_sgd"
+SINGLE_WORKER_METHODS = ("sgd", "msgd")
+METHODS = (*ELASTIC_METHODS, SYNC_METHOD, *SINGLE_WORKER_METHODS)
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
 DATASETS = ("digits", "cifar10", "imagenet", "fake")
 IMAGENET_AUGMENTS = ("overfeat", "resized_crop")  # data.augment (hvd_easgd/train/data.py has the same)
 SCHEDULES = ("constant", "step", "cosine")
@@ -338,10 +355,10 @@ def load_config(
     for source, raw in chain:
         cfg = _merge(cfg, raw, source)
     if path is not None and cfg.name is None:
-        cfg.name = Path(path).stem
+        cfg = _merge(cfg, {"name": Path(path).stem}, f"{path} (its file name)")
     cfg = apply_overrides(cfg, overrides)
     if validate_config:
-        _settle_diloco_beta(cfg, chain, [_override(item) for item in overrides])
+        cfg = _settle_diloco_beta(cfg, chain, [_override(item) for item in overrides])
         validate(cfg)
     return cfg
 
@@ -352,7 +369,7 @@ def config_from_dict(data: Dict[str, Any], overrides: Sequence[str] = (), *, sou
     data.pop(BASE_KEY, None)
     cfg = _merge(OmegaConf.structured(Config), data, source)
     cfg = apply_overrides(cfg, overrides)
-    _settle_diloco_beta(cfg, [(source, data)], [_override(item) for item in overrides])
+    cfg = _settle_diloco_beta(cfg, [(source, data)], [_override(item) for item in overrides])
     validate(cfg)
     return cfg
 
@@ -378,7 +395,7 @@ def _override(item: str) -> tuple:
     return f"--set {item}", dot
 
 
-def _settle_diloco_beta(cfg: DictConfig, recipes: Sequence[tuple], sets: Sequence[tuple]) -> None:
+def _settle_diloco_beta(cfg: DictConfig, recipes: Sequence[tuple], sets: Sequence[tuple]) -> DictConfig:
     """DiLoCo has no elastic coefficient: refuse an ``optimizer.beta`` given for it, drop one it
     only inherits.
 
@@ -387,12 +404,12 @@ def _settle_diloco_beta(cfg: DictConfig, recipes: Sequence[tuple], sets: Sequenc
     *given for DiLoCo* if the last layer naming beta is a ``--set``, or the recipe from which the
     method is diloco, or a later one: ConfigError, naming that layer and what to tune instead.
     Otherwise it was meant for another method (recipes/base.yaml's 0.9 for EASGD, the schema's
-    default) and the config gets ``beta: null``, which ``--print-config`` and saved configs show.
+    default) and the returned config has ``beta: null``, which ``--print-config`` and saved configs show.
     One exception keeps configs saved before this check loading (config.yaml, checkpoints): 0.9
     next to ``method: diloco`` in the same recipe is taken for that inherited default."""
     o, layers = cfg.optimizer, [*recipes, *sets]
     if o.method != "diloco" or o.beta is None:
-        return
+        return cfg
     named = [i for i, (_, raw) in enumerate(layers) if "beta" in _optimizer_keys(raw)]
     last, since = (named[-1] if named else -1), _diloco_since(layers)
     if last >= len(recipes) or last > since or (last == since and o.beta != DEFAULT_BETA):
@@ -402,7 +419,7 @@ def _settle_diloco_beta(cfg: DictConfig, recipes: Sequence[tuple], sets: Sequenc
             f"so beta would be ignored. Tune the outer step that moves the center instead, "
             f"optimizer.outer_lr (now {o.outer_lr}) and optimizer.outer_momentum (now "
             f"{o.outer_momentum}), and remove optimizer.beta (or set it to null)")
-    o.beta = None
+    return _merge(cfg, {"optimizer": {"beta": None}}, "diloco's inherited optimizer.beta")
 
 
 def _optimizer_keys(raw: Any) -> Dict[str, Any]:
@@ -558,6 +575,11 @@ def _validate_sweep(cfg: DictConfig) -> None:
         raise ConfigError("'sweep.seeds' is empty; give at least one seed, e.g. [0, 1, 2]")
 
 
+def with_run_dir(cfg: DictConfig, run_dir: Union[str, os.PathLike]) -> DictConfig:
+    """A copy of `cfg` whose ``run_dir`` is `run_dir` (the one a run decided to write to)."""
+    return OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
@@ -594,5 +616,6 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig",
     "LogConfig", "CheckpointConfig", "LaunchConfig", "HorovodConfig", "SweepConfig", "ConfigError", "load_config",
     "config_from_dict", "apply_overrides", "validate", "valid_keys", "save_config", "to_yaml",
-    "to_dict", "diff_configs", "METHODS", "MODES", "SINGLE_WORKER_METHODS", "DictConfig", "ListConfig",
+    "to_dict", "diff_configs", "with_run_dir", "METHODS", "MODES", "ELASTIC_METHODS", "SYNC_METHOD",
+    "SINGLE_WORKER_METHODS", "DictConfig", "ListConfig",
 ]

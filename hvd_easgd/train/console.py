@@ -56,6 +56,18 @@ def fmt_bytes(n: Optional[float]) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def log_on_rank0(msg: str, rank: int) -> None:
+    """A note to stderr before the console is open (rank 0 only)."""
+    if rank == 0:
+        print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
+
+
+def warn_on_rank0(msg: str, rank: int) -> None:
+    """A UserWarning said once for the job (by rank 0): every worker reaches the same warning."""
+    if rank == 0:
+        warnings.warn(msg, stacklevel=3)
+
+
 class Console:
     """Rank 0's console and ``train.log``; inactive (silent) on other ranks.
 

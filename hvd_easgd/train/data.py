@@ -331,27 +331,40 @@ class EvalShardSampler(Sampler):
         return max(0, math.ceil((self.n - self.rank) / self.world_size))
 
 
-def _loader(dataset, batch_size, sampler, drop_last, num_workers) -> DataLoader:
+class TrainLoader(DataLoader):
+    """A DataLoader over a :class:`ShardSampler` that is told where each epoch starts."""
+
+    def start_epoch(self, epoch: int, start_index: int, seed: int) -> None:
+        """Select ``epoch``'s permutation, skip the first ``start_index`` samples of the shard,
+        and seed the loader's own generator with ``seed``: the DataLoader draws its base seed
+        from that generator, not from the global RNG, so an iterator created mid-epoch (on
+        resume) leaves the training RNG stream alone."""
+        self.sampler.set_epoch(epoch, start_index=start_index)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+
+def _loader(dataset, batch_size, sampler, drop_last, num_workers, cls=DataLoader) -> DataLoader:
     # No persistent_workers: DataLoader processes start afresh each epoch and take their seeds
     # from the loader's generator then, so each epoch's augmentations follow (seed, epoch).
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return DataLoader(
+    return cls(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
 def train_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int,
-                 num_workers: int = 0) -> DataLoader:
+                 num_workers: int = 0) -> TrainLoader:
     """Batches of this worker's training shard (``loader.sampler`` is a ``ShardSampler``: call
-    ``loader.sampler.set_epoch(epoch[, start_index])`` before each epoch). Incomplete last
-    batches are dropped, so every worker runs the same number of steps per epoch."""
+    ``loader.start_epoch(...)`` or ``loader.sampler.set_epoch(epoch[, start_index])`` before
+    each epoch). Incomplete last batches are dropped, so every worker runs the same number of
+    steps per epoch."""
     sampler = ShardSampler(dataset, rank=rank, world_size=world_size, seed=seed)
     if len(sampler) < batch_size:
         raise ValueError(
             f"each of the {world_size} workers gets {len(sampler)} training samples, fewer "
             f"than one batch of {batch_size}: lower the batch size or use more data")
-    return _loader(dataset, batch_size, sampler, True, num_workers)
+    return _loader(dataset, batch_size, sampler, True, num_workers, TrainLoader)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int,

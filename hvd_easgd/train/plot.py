@@ -15,7 +15,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -204,9 +204,9 @@ def plot_runs(run_dirs: Sequence, out, *, labels: Optional[Sequence[str]] = None
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
     if not labels:
         names = [run.label for run in runs]
-        for run in runs:  # two runs of one recipe: tell them apart by their directories
-            if names.count(run.label) > 1:
-                run.label = f"{run.label} ({run.path.name})"
+        # two runs of one recipe: tell them apart by their directories
+        runs = [replace(run, label=f"{run.label} ({run.path.name})")
+                if names.count(run.label) > 1 else run for run in runs]
     fig = make_figure(runs, x=x, smooth=smooth, log_loss=log_loss, title=title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

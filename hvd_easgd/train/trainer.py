@@ -8,7 +8,7 @@ streaks of non-finite losses. :class:`Trainer` owns one run and is split the way
 - setup (``__init__``): world, run directory and resume decision, data, model and optimizer,
   outputs (rank 0: metrics.jsonl, TensorBoard, checkpoints);
 - :meth:`Trainer.train_loop` / :meth:`Trainer.train_one_epoch`: the steps, and the events
-  between them (:meth:`log_train`, :meth:`evaluate`, :meth:`save`, elastic commits);
+  between them (:meth:`log_train`, :meth:`validate`, :meth:`save`, elastic commits);
 - :meth:`Trainer.finish`: the final evaluation, checkpoint, `center.pt` and the summary.
 
 With ``elastic.enabled`` (and an elastic ``horovodrun``, see ``launch/run_elastic.sh``) the loop
@@ -29,16 +29,22 @@ import copy
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from hvd_easgd.optim import effective_settings
 from hvd_easgd.train import checkpoint as ckpt
-from hvd_easgd.train.config import SINGLE_WORKER_METHODS, ConfigError, DictConfig, save_config, to_dict
-from hvd_easgd.train.console import Console, summary_lines
+from hvd_easgd.train.config import (
+    ELASTIC_METHODS, SINGLE_WORKER_METHODS, ConfigError, DictConfig, save_config, to_dict,
+    with_run_dir,
+)
+from hvd_easgd.train.console import Console, summary_lines, warn_on_rank0
+from hvd_easgd.train.data import DataBundle
+from hvd_easgd.train.evaluation import evaluate
 from hvd_easgd.train.metrics import MetricsLogger, Stopwatch, allreduce_sum
-from hvd_easgd.optim.tuning import effective_settings
+from hvd_easgd.train.resume import open_run
 
 
 class TrainingStopped(Exception):
@@ -57,6 +63,45 @@ class LoopState:
     samples: int = 0
     wall_time: float = 0.0
     world_size: int = 1
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "LoopState":
+        """Where the checkpoint's run was, in the checkpoint's world."""
+        return cls(step=int(state["step"]), epoch=int(state["epoch"]),
+                   epoch_samples=int(state["epoch_samples"]), samples=int(state["samples"]),
+                   wall_time=float(state["wall_time"]), world_size=int(state["world_size"]))
+
+    def advance(self, batch: int, workers: int) -> None:
+        """One step of `batch` samples on each of `workers` workers."""
+        self.step += 1
+        self.epoch_samples += batch
+        self.samples += batch * workers
+
+    def next_epoch(self) -> None:
+        self.epoch, self.epoch_samples = self.epoch + 1, 0
+
+    def move_to(self, epoch_samples: int, world_size: int) -> None:
+        """The same point of the epoch, counted in a shard of a world of `world_size`."""
+        self.epoch_samples, self.world_size = int(epoch_samples), int(world_size)
+
+
+@dataclass
+class Parts:
+    """What a :class:`Trainer` trains with, built from the config by
+    :func:`hvd_easgd.train.factory.create_parts`.
+
+    ``loaders(rank, size)`` gives (training loader, test loader) of a worker's shards, again
+    after an elastic reset; ``lr_at(step, steps_per_epoch, total_steps)`` is the schedule;
+    ``kind`` is 'elastic' (an ``hvd_easgd.optim.ElasticOptimizer``), 'sync' (Horovod's) or
+    'solo' (no communication)."""
+
+    device: torch.device
+    data: DataBundle
+    model: nn.Module
+    optimizer: Any
+    kind: str
+    loaders: Callable[[int, int], Tuple[Any, Any]]
+    lr_at: Callable[[int, int, int], float]
 
 
 @dataclass
@@ -91,13 +136,15 @@ class LossMeter:
 
 
 class Trainer:
-    """One training run on this worker; see the module docstring.
+    """One training run on this worker, with the `parts` built for it; see the module docstring.
 
-    ``elastic_start=(run_dir or None, resume)``: an elastic job, whose run directory and
-    checkpoint the first elastic sync decides (``run_dir`` and ``resume_state`` are then None);
-    until then the outputs are closed on every rank."""
+    `run_dir` and `resume_state` are what :func:`hvd_easgd.train.resume.open_run` decided (`cfg`
+    has that ``run_dir``). ``elastic_start=(run_dir or None, resume)``: an elastic job, whose run
+    directory and checkpoint the first elastic sync decides (``run_dir`` and ``resume_state``
+    are then None); until then the outputs are closed on every rank."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Optional[Path], resume_state: Optional[dict], *,
+    def __init__(self, cfg: DictConfig, parts: Parts, run_dir: Optional[Path],
+                 resume_state: Optional[dict], *,
                  stop_at_step: Optional[int] = None,
                  on_step: Optional[Callable[[int], None]] = None,
                  elastic_start: Optional[tuple] = None) -> None:
@@ -105,23 +152,17 @@ class Trainer:
 
         import horovod.torch as hvd
 
-        from hvd_easgd.train import cli as T
-
         self.elastic_start = elastic_start
         if run_dir is None:  # not decided yet: a placeholder no output is written to
             run_dir = Path(elastic_start[0] if elastic_start and elastic_start[0] else cfg.run_dir or "runs")
-        self.cfg, self.run_dir, self.T = cfg, Path(run_dir), T
+        self.cfg, self.run_dir, self.parts = cfg, Path(run_dir), parts
         self.method = cfg.optimizer.method
         self.solo = self.method in SINGLE_WORKER_METHODS
         self.stop_at_step, self.on_step = stop_at_step, on_step
         self.rank, self.size = hvd.rank(), hvd.size()
-        if cfg.train.threads > 0:
-            torch.set_num_threads(int(cfg.train.threads))
-        self.device = T._device(cfg, hvd.local_rank())
-        self.bundle = T.build_bundle(cfg)
+        self.device, self.data = parts.device, parts.data
+        self.model, self.opt, self.kind = parts.model, parts.optimizer, parts.kind
         self.build_loaders()
-        self.model, self.opt, self.kind = T.build_model_and_optimizer(
-            cfg, self.bundle, self.device, self.size, self.rank, resume_state)
         self.eval_model = copy.deepcopy(self.model) if self.kind == "elastic" else None
         self.loop = LoopState(world_size=self.size)
         self.meter = LossMeter(self.device)
@@ -136,7 +177,7 @@ class Trainer:
         if resume_state is not None:
             self.restore_from_checkpoint(resume_state)
         else:
-            T._seed_worker_rng(cfg.train.seed, self.rank, 0)
+            ckpt.seed_worker_rng(cfg.train.seed, self.rank, 0)
         self.resumed = resume_state is not None
         self.plan_total_steps()
         self.clock = Stopwatch(self.loop.wall_time)
@@ -158,14 +199,8 @@ class Trainer:
 
     def build_loaders(self) -> None:
         """This world's shard of the data (again after an elastic reset)."""
-        from hvd_easgd.train.data import eval_loader, train_loader
-
-        cfg, t = self.cfg, self.cfg.train
-        data_rank, data_world = (0, 1) if self.solo else (self.rank, self.size)
-        self.loader = train_loader(self.bundle.train, t.batch_size, rank=data_rank,
-                                   world_size=data_world, seed=t.seed, num_workers=cfg.data.num_workers)
-        self.test_loader = eval_loader(self.bundle.test, t.eval_batch_size, rank=data_rank,
-                                       world_size=data_world, num_workers=cfg.data.num_workers)
+        t = self.cfg.train
+        self.loader, self.test_loader = self.parts.loaders(self.rank, self.size)
         self.steps_per_epoch = len(self.loader)
         self.shard = self.loader.sampler.num_samples  # this worker's samples per epoch
         self.epoch_len = self.steps_per_epoch * t.batch_size  # of which it uses this many
@@ -184,9 +219,11 @@ class Trainer:
         self.total_steps = loop.step + max(0, planned - here)
 
     def restore_from_checkpoint(self, state: dict) -> None:
-        T, t, loop = self.T, self.cfg.train, self.loop
-        loop.step, loop.epoch = int(state["step"]), int(state["epoch"])
-        loop.samples, loop.wall_time = int(state["samples"]), float(state["wall_time"])
+        """Continue where the checkpoint `state` left off: this worker's own model, optimizer,
+        RNG and loss accumulator when the world has the checkpoint's size, else the same point
+        of the epoch in this world's shards with fresh RNG streams."""
+        self.loop = LoopState.from_checkpoint(state)
+        loop = self.loop
         self.stats_base = {k: float(v) for k, v in state.get("comm_stats", {}).items()}
         self.origin = state.get("origin")
         if int(state["world_size"]) == self.size:
@@ -194,13 +231,12 @@ class Trainer:
             self.model.load_state_dict(mine["model"])
             self.opt.load_state_dict(mine["optimizer"])
             ckpt.set_rng_state(mine["rng"])
-            loop.epoch_samples = int(state["epoch_samples"])
             self.meter.clear(carry=(mine.get("loss_sum", torch.zeros((), dtype=torch.float64)),
                                     int(mine.get("loss_steps", 0))))
         else:
             old = 1 if self.solo else int(state["world_size"])
             self.set_position(int(state["epoch_samples"]), old)
-            T._seed_worker_rng(t.seed, self.rank, loop.step)
+            ckpt.seed_worker_rng(self.cfg.train.seed, self.rank, loop.step)
         self.resume_note = (f"resumed from step {loop.step} (epoch {loop.epoch}, "
                             f"{loop.epoch_samples} samples into it) in {self.run_dir}")
 
@@ -208,8 +244,8 @@ class Trainer:
         """Every worker starts from the checkpoint's center with a fresh local optimizer: a
         resume under Horovod Elastic with another number of workers than the checkpoint's.
         Needs the elastic optimizer synced (called from the first elastic sync)."""
-        self.T._warn(f"resuming a run of {state['world_size']} workers with {self.size}: every "
-                     f"worker restarts from the center with a fresh local optimizer", self.rank)
+        warn_on_rank0(f"resuming a run of {state['world_size']} workers with {self.size}: every "
+                      f"worker restarts from the center with a fresh local optimizer", self.rank)
         self.model.load_state_dict(state["center"])
         if self.kind == "elastic":
             import warnings
@@ -226,8 +262,7 @@ class Trainer:
         the permutation's first k*p entries, so k*p_old/p_new of each new shard covers them."""
         consumed = epoch_samples if self.solo else epoch_samples * old_world // self.size
         batch = self.cfg.train.batch_size
-        self.loop.epoch_samples = min(self.shard, consumed // batch * batch)
-        self.loop.world_size = self.size
+        self.loop.move_to(min(self.shard, consumed // batch * batch), self.size)
 
     def open_outputs(self, resume_step: Optional[int], active: Optional[bool] = None) -> None:
         """Rank 0's metrics.jsonl, TensorBoard writer and console; a no-op elsewhere (and
@@ -263,7 +298,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def lr_for(self, step: int) -> float:
-        return self.T.lr_at(self.cfg, step, self.steps_per_epoch, self.total_steps)
+        return self.parts.lr_at(step, self.steps_per_epoch, self.total_steps)
 
     def train_loop(self) -> None:
         """Train to ``total_steps`` (raises TrainingStopped at ``stop_at_step``)."""
@@ -271,21 +306,19 @@ class Trainer:
         self.clock.start()
         while self.loop.step < self.total_steps:
             if self.loop.epoch_samples + self.cfg.train.batch_size > self.shard:
-                self.loop.epoch, self.loop.epoch_samples = self.loop.epoch + 1, 0
+                self.loop.next_epoch()
             self.train_one_epoch()
         self.clock.pause()
 
     def train_one_epoch(self) -> None:
         loop, t = self.loop, self.cfg.train
-        self.loader.sampler.set_epoch(loop.epoch, start_index=loop.epoch_samples)
-        # The DataLoader draws its base seed from this generator, not from the global RNG, so
-        # creating an iterator mid-epoch (on resume) leaves the training RNG stream alone.
-        self.loader.generator = torch.Generator().manual_seed(t.seed * 100_003 + loop.epoch * 101 + self.rank)
+        self.loader.start_epoch(loop.epoch, loop.epoch_samples,
+                                seed=t.seed * 100_003 + loop.epoch * 101 + self.rank)
         for x, y in self.loader:
             self.train_step(x, y)
             if self.after_step() or loop.step >= self.total_steps:
                 return
-        loop.epoch, loop.epoch_samples = loop.epoch + 1, 0
+        loop.next_epoch()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -296,10 +329,7 @@ class Trainer:
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        loop = self.loop
-        loop.step += 1
-        loop.epoch_samples += int(y.shape[0])
-        loop.samples += int(y.shape[0]) * self.workers_in_step
+        self.loop.advance(int(y.shape[0]), self.workers_in_step)
         self.meter.add(loss)
         self.console.step(1)
 
@@ -314,7 +344,7 @@ class Trainer:
         if step % cfg.log.every == 0 or final:
             self.log_train()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not final:
-            self.evaluate()
+            self.validate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not final:
             self.save()
         if self.elastic_state is not None and step % cfg.elastic.commit_every == 0 and not final:
@@ -344,11 +374,16 @@ class Trainer:
     # ------------------------------------------------------------------ events
 
     def comm_stats(self) -> Dict[str, float]:
-        """The optimizer's cumulative counters, plus those of the run before a resume."""
-        return self.T._stats(self.opt, self.kind, self.stats_base)
+        """The optimizer's cumulative communication counters, plus those of the run before a
+        resume (none for Horovod's optimizer and the single-worker methods)."""
+        if self.kind != "elastic":
+            return {}
+        counters = self.opt.stats.as_dict()
+        return {k: float(v) + self.stats_base.get(k, 0.0) for k, v in counters.items()
+                if isinstance(v, (int, float))}
 
     def log_train(self) -> None:
-        from hvd_easgd.optim.recovery import NonFiniteError
+        from hvd_easgd.optim import NonFiniteError  # Horovod loads on first use
 
         self.clock.pause()  # the reduction below is logging, not training
         dist = float(self.opt.local_distance()) if self.kind == "elastic" else 0.0
@@ -367,7 +402,7 @@ class Trainer:
                 f"for NaN/inf inputs or bad labels.")
         self.check_divergence(total[0] / max(1.0, total[1] - total[3]))
         if total[3] > 0 and self.rank == 0:
-            self.T._warn(f"{int(total[3])} training step(s) had a NaN/inf loss since the last log "
+            warn_on_rank0(f"{int(total[3])} training step(s) had a NaN/inf loss since the last log "
                          f"event (step {self.loop.step}); they are left out of train/loss", self.rank)
         self.write_train_metrics(total)
         self.clock.start()
@@ -375,15 +410,15 @@ class Trainer:
     def check_divergence(self, loss: float) -> None:
         """Stop (on every worker alike: ``loss`` is averaged over them) when the training loss
         has stayed far above chance level, ``train.divergence_factor * ln(classes)``."""
-        from hvd_easgd.optim.recovery import NonFiniteError
+        from hvd_easgd.optim import NonFiniteError
 
         factor, patience = float(self.cfg.train.divergence_factor), int(self.cfg.optimizer.nonfinite_patience)
-        limit = factor * math.log(max(2, self.bundle.num_classes))
+        limit = factor * math.log(max(2, self.data.num_classes))
         self.diverged = self.diverged + 1 if factor > 0 and loss > limit else 0
         if self.diverged >= patience:
             raise NonFiniteError(
                 f"training diverged: train/loss has been above {limit:.4g} ({factor:g} x the "
-                f"chance-level loss ln({self.bundle.num_classes})) at {self.diverged} log events in "
+                f"chance-level loss ln({self.data.num_classes})) at {self.diverged} log events in "
                 f"a row, now {loss:.4g} at step {self.loop.step}. Lower optimizer.lr (or add "
                 f"optimizer.schedule.warmup_epochs) and check the data (NaN/inf inputs or bad "
                 f"labels); train.divergence_factor=0 turns this check off.")
@@ -425,19 +460,19 @@ class Trainer:
         self.logger.log(loop.step, self.epoch_now(), self.clock(), loop.samples, metrics)
         self.summary.update({k: v for k, v in metrics.items() if v is not None})
 
-    def evaluate(self) -> None:
+    def validate(self) -> None:
         """Test error of the center (and of the local models) over all workers' test shards."""
         self.clock.pause()
-        T, t, metrics = self.T, self.cfg.train, {}
+        t, metrics = self.cfg.train, {}
         kwargs = dict(max_batches=t.max_eval_batches, reduce=not self.solo)
         if self.kind == "elastic":
             self.center_state(averaged=True)  # loads the evaluated center into eval_model
-            c = T.evaluate(self.eval_model, self.test_loader, self.device, name="center", **kwargs)
+            c = evaluate(self.eval_model, self.test_loader, self.device, name="center", **kwargs)
             if t.eval_local:
-                lo = T.evaluate(self.model, self.test_loader, self.device, name="local", **kwargs)
+                lo = evaluate(self.model, self.test_loader, self.device, name="local", **kwargs)
                 metrics.update({"local/test_error": lo["test_error"], "local/test_loss": lo["test_loss"]})
         else:
-            c = T.evaluate(self.model, self.test_loader, self.device, name="center", **kwargs)
+            c = evaluate(self.model, self.test_loader, self.device, name="center", **kwargs)
         metrics = {"center/test_error": c["test_error"], "center/test_loss": c["test_loss"], **metrics}
         self.log_metrics(metrics)
         if self.best is None or c["test_error"] < self.best[0]:
@@ -455,7 +490,7 @@ class Trainer:
         if self.kind != "elastic":
             return self.model.state_dict()
         self.opt.synchronize()
-        use_avg = averaged and self.T.ELASTIC[self.method][2] is not None
+        use_avg = averaged and ELASTIC_METHODS[self.method][2] is not None
         center = self.opt.averaged_center_state_dict() if use_avg else self.opt.center_state_dict()
         self.eval_model.load_state_dict(self.model.state_dict())
         self.eval_model.load_state_dict(center, strict=False)
@@ -470,7 +505,7 @@ class Trainer:
                             "rng": ckpt.get_rng_state(), "loss_sum": self.meter.total,
                             "loss_steps": self.meter.steps})
         raw_center = ckpt.to_cpu(self.center_state(averaged=False))
-        averaged = self.kind == "elastic" and self.T.ELASTIC[self.method][2]
+        averaged = self.kind == "elastic" and ELASTIC_METHODS[self.method][2]
         shipped = ckpt.to_cpu(self.center_state(averaged=True)) if averaged else raw_center
         workers = [mine] if self.size == 1 else ckpt.gather_bytes(ckpt.serialize(mine), name="hvd_easgd.ckpt")
         if self.rank == 0:
@@ -498,7 +533,7 @@ class Trainer:
     def finish(self) -> Dict[str, Any]:
         """Final evaluation, checkpoint and center export; the run's summary."""
         cfg, o, loop = self.cfg, self.cfg.optimizer, self.loop
-        self.evaluate()
+        self.validate()
         self.clock.pause()
         if cfg.checkpoint.at_end:
             self.save()
@@ -542,7 +577,7 @@ class Trainer:
         """Train and finish; through ``hvd.elastic.run`` when the job is elastic."""
         try:
             if self.cfg.elastic.enabled:
-                return run_elastic(self)
+                return self.run_elastic()
             self.train_loop()
             return self.finish()
         finally:
@@ -550,36 +585,106 @@ class Trainer:
             if self.kind == "elastic" and hasattr(self.opt, "close"):
                 self.opt.close()
 
+    # ------------------------------------------------------------------ Horovod Elastic
 
-# ---------------------------------------------------------------------- Horovod Elastic
+    def run_elastic(self) -> Dict[str, Any]:
+        """Run ``train_loop`` and ``finish`` under ``hvd.elastic.run`` with a
+        :class:`TrainerState`."""
+        import horovod.torch as hvd
 
+        from hvd_easgd.optim import elastic_launch
 
-def run_elastic(trainer: Trainer) -> Dict[str, Any]:
-    """Run ``train_loop`` and ``finish`` under ``hvd.elastic.run`` with a :class:`TrainerState`."""
-    import horovod.torch as hvd
+        if not elastic_launch():
+            raise ConfigError(
+                "elastic.enabled is true but this job was not started by an elastic horovodrun: "
+                "launch it with launch/run_elastic.sh (horovodrun --min-np/--max-np "
+                "--host-discovery-script), or set elastic.enabled=false")
+        if self.solo:
+            raise ConfigError(f"optimizer.method={self.method} trains one worker alone; "
+                              "elastic training needs a distributed method")
+        self.elastic_state = trainer_state_class()(self)
 
-    from hvd_easgd.optim.recovery import elastic_launch
+        @hvd.elastic.run
+        def body(state) -> Dict[str, Any]:
+            if state.needs_resync:  # hosts only removed: Horovod skipped the sync
+                state.resync()
+            self.train_loop()
+            return self.finish()
 
-    if not elastic_launch():
-        raise ConfigError(
-            "elastic.enabled is true but this job was not started by an elastic horovodrun: "
-            "launch it with launch/run_elastic.sh (horovodrun --min-np/--max-np "
-            "--host-discovery-script), or set elastic.enabled=false")
-    if trainer.solo:
-        raise ConfigError(f"optimizer.method={trainer.method} trains one worker alone; "
-                          "elastic training needs a distributed method")
-    state = trainer_state_class()(trainer)
-    trainer.elastic_state = state
+        return body(self.elastic_state)
 
-    @hvd.elastic.run
-    def body(state) -> Dict[str, Any]:
-        if state.needs_resync:  # hosts only removed: Horovod skipped the sync
-            resync(trainer, state)
-            state.needs_resync = False
-        trainer.train_loop()
-        return trainer.finish()
+    def rewind(self, loop: LoopState) -> None:
+        """Back to `loop`, the last commit (a lost worker rolled the job back)."""
+        self.loop = replace(loop)
+        self.clock = Stopwatch(loop.wall_time)
 
-    return body(state)
+    def resync(self, state: Any) -> None:
+        """After a (re)start, on every worker of the new world (a collective): the job's run
+        directory and the loop state from the lowest-ranked survivor (at the job's start, from
+        :meth:`start_job`), this world's data shards, and rank 0's outputs continuing from that
+        step; rank 0 says which hosts left and joined."""
+        import horovod.torch as hvd
+
+        self.close_outputs()
+        old_rank = self.rank
+        self.rank, self.size = hvd.rank(), hvd.size()
+        everyone = hvd.allgather_object((state.trained, self.job is not None, _hostname()),
+                                        name="hvd_easgd.train.trainer.who")
+        self.build_loaders()
+        first = not any(job for _, job, _ in everyone)
+        if first:
+            self.start_job()
+        root = next((r for r, (alive, _, _) in enumerate(everyone) if alive),
+                    next((r for r, (_, job, _) in enumerate(everyone) if job), 0))
+        mine = (replace(self.loop, wall_time=self.clock()), self.job, self.hosts, self.best)
+        loop, job, before, best = hvd.broadcast_object(mine, root_rank=root,
+                                                       name="hvd_easgd.train.trainer.loop")
+        self.best, self.hosts = best, [h for _, _, h in everyone]
+        self.adopt_job(job)
+        self.rewind(loop)
+        self.set_position(loop.epoch_samples, loop.world_size)
+        self.plan_total_steps()
+        if not first:
+            self.meter.clear()
+        self.open_outputs(resume_step=loop.step)
+        self.last = {"step": loop.step, "wall": self.clock(), "stats": self.comm_stats()}
+        if first:
+            self.announce()
+            if self.resume_note:
+                self.console.say(self.resume_note, always=True)
+        else:
+            moved = f" (this process was rank {old_rank})" if old_rank != self.rank else ""
+            self.console.say(f"elastic reset: {self.size} worker(s), continuing from step "
+                             f"{loop.step} (epoch {loop.epoch}); "
+                             f"{host_changes(before, self.hosts)}{moved}", always=True)
+
+    def start_job(self) -> None:
+        """The job's first sync (a collective; the elastic optimizer is synced): rank 0 picks the
+        run directory and the checkpoint to resume from, as outside an elastic launch, every
+        worker restores that checkpoint, and ``self.job`` records what a worker that joins later
+        takes over (run directory, metrics origin, counters of earlier runs, the console's
+        start)."""
+        import time
+
+        self.cfg, self.run_dir, payload = open_run(self.cfg, *self.elastic_start, self.rank)
+        if payload is not None:
+            if int(payload["world_size"]) != self.size:
+                self.restart_from_center(payload)
+            self.restore_from_checkpoint(payload)
+            self.resumed = True
+            self.clock = Stopwatch(self.loop.wall_time)
+        self.job = {"run_dir": str(self.run_dir),
+                    "origin": (self.origin if payload else None) or time.time(),
+                    "stats_base": dict(self.stats_base), "started": time.time(),
+                    "start_step": self.loop.step}
+
+    def adopt_job(self, job: Dict[str, Any]) -> None:
+        """Take the job's settings from the broadcast of :meth:`resync`."""
+        self.job = dict(job)
+        self.run_dir = Path(job["run_dir"])
+        self.cfg = with_run_dir(self.cfg, job["run_dir"])
+        self.origin = job["origin"]
+        self.stats_base = dict(job["stats_base"])
 
 
 def trainer_state_class():
@@ -607,17 +712,21 @@ def trainer_state_class():
 
         def restore(self) -> None:
             super().restore()
-            self.trainer.loop = replace(self.saved_loop)
-            self.trainer.clock = Stopwatch(self.saved_loop.wall_time)
+            self.trainer.rewind(self.saved_loop)
 
         def reset(self) -> None:
             super().reset()
             self.needs_resync = True
 
+        def resync(self) -> None:
+            """Bring the trainer to this world (a collective)."""
+            self.trainer.resync(self)
+            self.needs_resync = False
+
         def sync(self) -> None:
             super().sync()
-            resync(self.trainer, self)
-            self.trained, self.needs_resync = True, False
+            self.resync()
+            self.trained = True
             self.save()  # what every worker agreed on (a resumed checkpoint too) is the commit
 
     return TrainerState
@@ -629,75 +738,6 @@ def _hostname() -> str:
     import socket
 
     return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
-
-
-def resync(trainer: Trainer, state: Any) -> None:
-    """After a (re)start, on every worker of the new world (a collective): the job's run
-    directory and the loop state from the lowest-ranked survivor (at the job's start, from
-    :func:`start_job`), this world's data shards, and rank 0's outputs continuing from that
-    step; rank 0 says which hosts left and joined."""
-    import horovod.torch as hvd
-
-    trainer.close_outputs()
-    old_rank = trainer.rank
-    trainer.rank, trainer.size = hvd.rank(), hvd.size()
-    everyone = hvd.allgather_object((state.trained, trainer.job is not None, _hostname()),
-                                    name="hvd_easgd.train.trainer.who")
-    trainer.build_loaders()
-    first = not any(job for _, job, _ in everyone)
-    if first:
-        start_job(trainer)
-    root = next((r for r, (alive, _, _) in enumerate(everyone) if alive),
-                next((r for r, (_, job, _) in enumerate(everyone) if job), 0))
-    mine = (replace(trainer.loop, wall_time=trainer.clock()), trainer.job, trainer.hosts, trainer.best)
-    loop, job, before, best = hvd.broadcast_object(mine, root_rank=root, name="hvd_easgd.train.trainer.loop")
-    trainer.loop, trainer.best, trainer.hosts = replace(loop), best, [h for _, _, h in everyone]
-    adopt_job(trainer, job)
-    trainer.set_position(loop.epoch_samples, loop.world_size)
-    trainer.plan_total_steps()
-    trainer.clock = Stopwatch(loop.wall_time)
-    if not first:
-        trainer.meter.clear()
-    trainer.open_outputs(resume_step=loop.step)
-    trainer.last = {"step": loop.step, "wall": trainer.clock(), "stats": trainer.comm_stats()}
-    if first:
-        trainer.announce()
-        if trainer.resume_note:
-            trainer.console.say(trainer.resume_note, always=True)
-    else:
-        moved = f" (this process was rank {old_rank})" if old_rank != trainer.rank else ""
-        trainer.console.say(f"elastic reset: {trainer.size} worker(s), continuing from step "
-                            f"{loop.step} (epoch {loop.epoch}); "
-                            f"{host_changes(before, trainer.hosts)}{moved}", always=True)
-
-
-def start_job(trainer: Trainer) -> None:
-    """The job's first sync (a collective; the elastic optimizer is synced): rank 0 picks the
-    run directory and the checkpoint to resume from, as outside an elastic launch, every worker
-    restores that checkpoint, and ``trainer.job`` records what a worker that joins later
-    takes over (run directory, metrics origin, counters of earlier runs, the console's start)."""
-    import time
-
-    run_dir, payload = trainer.T.open_run(trainer.cfg, *trainer.elastic_start, trainer.rank)
-    trainer.run_dir = run_dir
-    if payload is not None:
-        if int(payload["world_size"]) != trainer.size:
-            trainer.restart_from_center(payload)
-        trainer.restore_from_checkpoint(payload)
-        trainer.resumed = True
-        trainer.clock = Stopwatch(trainer.loop.wall_time)
-    trainer.job = {"run_dir": str(run_dir), "origin": (trainer.origin if payload else None) or time.time(),
-                   "stats_base": dict(trainer.stats_base), "started": time.time(),
-                   "start_step": trainer.loop.step}
-
-
-def adopt_job(trainer: Trainer, job: Dict[str, Any]) -> None:
-    """Take the job's settings from the broadcast of :func:`resync`."""
-    trainer.job = dict(job)
-    trainer.run_dir = Path(job["run_dir"])
-    trainer.cfg.run_dir = job["run_dir"]
-    trainer.origin = job["origin"]
-    trainer.stats_base = dict(job["stats_base"])
 
 
 def host_changes(before: list, now: list) -> str:

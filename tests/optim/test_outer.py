@@ -187,13 +187,13 @@ def test_diloco_defaults_and_state(hvd1):
 
 
 def test_trainer_builds_diloco(hvd1):
-    from hvd_easgd.train import cli as T
+    from hvd_easgd.train import factory as T
     from hvd_easgd.train.config import load_config
     from hvd_easgd.train.models import build_model
 
     cfg = load_config("recipes/demo/digits_diloco.yaml")
     model = build_model("digits_net", 10, in_channels=1)
-    opt, kind = T.build_optimizer(cfg, model, 1, 0)
+    opt, kind = T.create_optimizer(cfg, model, 0)
     assert kind == "elastic" and opt.method == "diloco"
     assert isinstance(opt.optimizer, torch.optim.AdamW)
     group = opt.outer_optimizer.param_groups[0]

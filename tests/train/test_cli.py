@@ -219,20 +219,20 @@ def test_stopwatch_excludes_paused_time():
     assert clock() >= frozen
 
 
-def test_rerun_without_resume_gets_a_fresh_default_run_dir(tmp_path, monkeypatch):
+def test_rerun_without_resume_gets_afresh_default_run_dir(tmp_path, monkeypatch):
     """Re-running the README command must not fail or touch the first run: runs/<name>-2."""
     import horovod.torch as hvd
 
-    from hvd_easgd.train.cli import _fresh_default_run_dir
+    from hvd_easgd.train.resume import fresh_default_run_dir
 
     hvd.init()
     monkeypatch.chdir(tmp_path)
     base = Path("runs") / "digits"
-    assert _fresh_default_run_dir(base, resume=False, rank=0) == base  # nothing there yet
+    assert fresh_default_run_dir(base, resume=False, rank=0) == base  # nothing there yet
     base.mkdir(parents=True)
     (base / "metrics.jsonl").write_text("{}\n")
-    assert _fresh_default_run_dir(base, resume=False, rank=0) == Path("runs/digits-2")
+    assert fresh_default_run_dir(base, resume=False, rank=0) == Path("runs/digits-2")
     (tmp_path / "runs/digits-2").mkdir()
     (tmp_path / "runs/digits-2/metrics.jsonl").write_text("{}\n")
-    assert _fresh_default_run_dir(base, resume=False, rank=0) == Path("runs/digits-3")
-    assert _fresh_default_run_dir(base, resume=True, rank=0) == base  # --resume continues it
+    assert fresh_default_run_dir(base, resume=False, rank=0) == Path("runs/digits-3")
+    assert fresh_default_run_dir(base, resume=True, rank=0) == base  # --resume continues it

@@ -219,7 +219,7 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
 
 
 def test_lr_schedules():
-    from hvd_easgd.train.cli import lr_at
+    from hvd_easgd.train.factory import lr_at
 
     def cfg(**schedule):
         return config_from_dict({"model": {"name": "m"}, "optimizer": {"lr": 1.0, "schedule": schedule}})
@@ -248,13 +248,13 @@ def test_start_early_reaches_the_optimizer(tmp_path, value):
     import horovod.torch as hvd
 
     from hvd_easgd.train.models import build_model
-    from hvd_easgd.train.cli import build_optimizer
+    from hvd_easgd.train.factory import create_optimizer
 
     hvd.init()
     overrides = [] if value is None else [f"optimizer.start_early={value}"]
     cfg = load_config(write(tmp_path / "r.yaml", MINIMAL), overrides)
     model = build_model("digits_net", 10, in_channels=1)
-    opt, kind = build_optimizer(cfg, model, hvd.size(), hvd.rank())
+    opt, kind = create_optimizer(cfg, model, hvd.rank())
     try:
         assert kind == "elastic" and opt.start_early is (value is None)
     finally:
@@ -272,7 +272,7 @@ def test_sync_sgd_steps_and_survivors_reach_the_optimizer(tmp_path):
     import horovod.torch as hvd
 
     from hvd_easgd.train.models import build_model
-    from hvd_easgd.train.cli import build_optimizer
+    from hvd_easgd.train.factory import create_optimizer
 
     recipe = write(tmp_path / "r.yaml", MINIMAL)
     cfg = load_config(recipe)
@@ -283,7 +283,7 @@ def test_sync_sgd_steps_and_survivors_reach_the_optimizer(tmp_path):
         load_config(recipe, ["optimizer.sync_sgd_steps=-1"])
     hvd.init()
     cfg = load_config(recipe, ["optimizer.sync_sgd_steps=5", "optimizer.survivors=center"])
-    opt, kind = build_optimizer(cfg, build_model("digits_net", 10, in_channels=1), 1, 0)
+    opt, kind = create_optimizer(cfg, build_model("digits_net", 10, in_channels=1), 0)
     try:
         assert kind == "elastic" and (opt.sync_sgd_steps, opt.survivors) == (5, "center")
     finally:

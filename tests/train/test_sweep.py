@@ -52,12 +52,11 @@ def test_plan_expands_lrs_and_seeds_with_one_initialisation(tmp_path):
 
 
 def test_init_seed_fixes_the_initialisation_and_seed_the_rest():
-    from hvd_easgd.train import cli as T
+    from hvd_easgd.train.factory import create_parts
 
     def initial(*sets):
-        cfg = load_config(DIGITS, ["optimizer.method=sgd", "launch.np=null", *sets])
-        model, _, _ = T.build_model_and_optimizer(cfg, T.build_bundle(cfg), torch.device("cpu"),
-                                                  1, 0, None)
+        cfg = load_config(DIGITS, ["optimizer.method=sgd", "launch.np=null", "train.device=cpu", *sets])
+        model = create_parts(cfg, rank=0, size=1, local_rank=0).model
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     same = [initial("train.init_seed=7", f"train.seed={s}") for s in (0, 1)]

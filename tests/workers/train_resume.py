@@ -27,7 +27,8 @@ torch.set_num_threads(1)
 import horovod.torch as hvd  # noqa: E402
 
 from hvd_easgd.train.config import load_config  # noqa: E402
-from hvd_easgd.train.cli import RESUME_BROADCAST_ENV, TrainingStopped, run  # noqa: E402
+from hvd_easgd.train.cli import TrainingStopped, run  # noqa: E402
+from hvd_easgd.train.resume import RESUME_BROADCAST_ENV  # noqa: E402
 from tests.hvdrun import write_rank_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "demo" / "digits.yaml"
