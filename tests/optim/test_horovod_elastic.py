@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
+from typing import Dict, NamedTuple
 
 import pytest
 
@@ -21,26 +23,41 @@ from tests.reference import Case
 TWO_HOSTS = ["localhost:1", "127.0.0.1:1"]
 THREE_WORKERS = ["localhost:2", "127.0.0.1:1"]  # the worker on 127.0.0.1 is the one killed
 _JOBS: dict = {}
-_OUT: dict = {}
 
 
-def elastic_job(tmp_path_factory, key, hosts, np, args, max_np=None):
-    """Run tests/workers/elastic_train.py once per key; return (process, {host: report})."""
+class ElasticJob(NamedTuple):
+    """A finished tests/workers/elastic_train.py job: horovodrun's process, the report of every
+    worker that finished and of every worker whose training raised ({host-slot: dict}), its
+    output directory, and the wall-clock time at which horovodrun had exited."""
+
+    proc: object
+    reports: Dict[str, dict]
+    stopped: Dict[str, dict]
+    out: Path
+    ended: float
+
+
+def elastic_job(tmp_path_factory, key, hosts, np, args, max_np=None, env=None) -> ElasticJob:
+    """Run tests/workers/elastic_train.py once per key (shared by the tests that read it)."""
     if key not in _JOBS:
-        out = _OUT[key] = tmp_path_factory.mktemp(key)
-        started = time.monotonic()
+        out = tmp_path_factory.mktemp(key)
         proc = horovodrun_elastic(
             [sys.executable, str(WORKERS / "elastic_train.py"), "--out", str(out), *args],
-            hosts, out / "hosts.txt", np=np, min_np=1, max_np=max_np or np, timeout=300)
-        reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-        _JOBS[key] = (proc, reports, time.monotonic() - started)
+            hosts, out / "hosts.txt", np=np, min_np=1, max_np=max_np or np, timeout=300, env=env)
+        ended = time.time()
+        reports = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")
+                   if not p.name.startswith("stopped-")}
+        stopped = {p.stem[len("stopped-"):]: json.loads(p.read_text())
+                   for p in out.glob("stopped-*.json")}
+        _JOBS[key] = ElasticJob(proc, reports, stopped, out, ended)
     return _JOBS[key]
 
 
-def finished(job):
-    proc, reports, _ = job
+def finished(job: ElasticJob) -> Dict[str, dict]:
+    proc = job.proc
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return reports
+    assert not job.stopped, job.stopped
+    return job.reports
 
 
 # ---------------------------------------------------------------------- a lost worker
@@ -127,14 +144,16 @@ def test_two_one_two_matches_the_reference(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_grow_from_one_to_two_workers(tmp_path_factory):
-    proc, reports, _ = elastic_job(tmp_path_factory, "grow", ["localhost:1"], 1,
-                                   ["--mode", "sync", "--grow-step", "100", "--epochs", "6"],
-                                   max_np=2)
-    reports = finished((proc, reports, 0))
+    """After step 100 the lone worker lists a second host and waits for Horovod's interrupt
+    (tests/workers/elastic_train.py): the job grows exactly there, whatever the machine's speed."""
+    reports = finished(elastic_job(tmp_path_factory, "grow", ["localhost:1"], 1,
+                                   ["--mode", "sync", "--grow-step", "100", "--epochs", "4"],
+                                   max_np=2))
     assert set(reports) == {"localhost-0", "127.0.0.1-0"}
     old, new = reports["localhost-0"], reports["127.0.0.1-0"]
+    assert [e["size"] for e in old["entries"]] == [1, 2]
     joined = new["entries"][0]
-    assert joined["size"] == 2 and joined["step"] >= 100
+    assert len(new["entries"]) == 1 and joined["size"] == 2 and joined["step"] == 100
     assert joined["distance_to_center"] == 0.0 and joined["fresh_optimizer_state"]
     # the worker that was there keeps its own parameters and its optimizer state
     rejoined = old["entries"][-1]
@@ -144,6 +163,27 @@ def test_grow_from_one_to_two_workers(tmp_path_factory):
         assert r["size"] == 2 and r["alpha"] == pytest.approx(0.45)
     assert old["center_hash"] == new["center_hash"]
     assert old["step"] == new["step"]
+
+
+@pytest.mark.timeout(600)
+def test_joiner_with_other_settings_is_refused(tmp_path_factory):
+    """The worker that joins after step 30 wraps its optimizer with tau 5 instead of 4
+    (VICTIM_TAU, read by tests/workers/elastic_train.py on 127.0.0.1): it must not train with
+    the others. The job's first sync after the join compares every worker's settings."""
+    job = elastic_job(tmp_path_factory, "grow-other-tau", ["localhost:1"], 1,
+                      ["--mode", "sync", "--grow-step", "30", "--epochs", "2"], max_np=2,
+                      env={"VICTIM_TAU": "5"})
+    joiner = job.stopped.get("127.0.0.1-0")
+    assert joiner is not None, (job.reports, job.proc.stderr[-3000:])
+    assert "127.0.0.1-0" not in job.reports, "the joiner finished a run with other settings"
+    assert joiner["entries"] == [], "the joiner trained a step with other settings"
+    assert joiner["type"] == "ValueError" and "settings differ: tau=" in joiner["message"]
+    assert "4" in joiner["message"] and "5" in joiner["message"], joiner["message"]
+    # the first worker never trained with it: it stopped with the same error, or went on alone
+    first = job.stopped.get("localhost-0") or job.reports["localhost-0"]
+    assert all(e["size"] == 1 for e in first["entries"]), first["entries"]
+    if "localhost-0" in job.stopped:
+        assert first["message"] == joiner["message"] and job.proc.returncode != 0
 
 
 # ---------------------------------------------------------------------- non-finite workers
@@ -240,16 +280,22 @@ def test_fp16_overflow_on_the_wire_is_caught(nan_job):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_persistent_nan_ends_an_elastic_job_quickly(tmp_path_factory, mode):
-    proc, reports, _ = elastic_job(tmp_path_factory, f"nan-persist-{mode}", TWO_HOSTS, 2,
-                                   ["--nan-step", "100", "--nan-persist", "--mode", mode])
-    ended = time.time()
-    assert proc.returncode != 0 and not reports
-    text = proc.stdout + proc.stderr
+    """127.0.0.1's gradient is NaN from step 100 on: every worker stops with NonFiniteError at
+    the same step, soon after the first bad step (timed from it, not from the launch)."""
+    job = elastic_job(tmp_path_factory, f"nan-persist-{mode}", TWO_HOSTS, 2,
+                      ["--nan-step", "100", "--nan-persist", "--mode", mode])
+    assert job.proc.returncode != 0 and not job.reports, job.reports
+    assert set(job.stopped) == {"localhost-0", "127.0.0.1-0"}, "every worker says why it stopped"
+    first_bad = float((job.out / "nan_started").read_text())
+    for worker, stop in job.stopped.items():
+        assert stop["type"] == "NonFiniteError", (worker, stop)
+        assert "lower the learning rate" in stop["message"], (worker, stop["message"])
+        assert 100 < stop["step"] < 100 + 10 * 4, (worker, stop["step"])  # a window of rounds
+        assert stop["time"] - first_bad < 30, (worker, stop["time"] - first_bad)
+    assert len({(s["step"], s["message"]) for s in job.stopped.values()}) == 1, job.stopped
+    text = job.proc.stdout + job.proc.stderr
     assert "NonFiniteError" in text and "lower the learning rate" in text
-    # every worker that was running says why it stopped
-    assert text.count("NonFiniteError: EASGD stopped at step") >= 2, text[-3000:]
-    first_bad = float((_OUT[f"nan-persist-{mode}"] / "nan_started").read_text())
-    assert ended - first_bad < 60, ended - first_bad
+    assert job.ended - first_bad < 60, job.ended - first_bad  # and the job is over
 
 
 # ---------------------------------------------------------------------- the trainer

@@ -6,10 +6,16 @@ Run under an elastic horovodrun whose discovery script lists hosts ``localhost``
 ``127.0.0.1``. Faults are injected by the worker on host ``--victim-host``:
 - ``--kill-step N``: SIGKILL itself before global step N (once per job, marked in --out);
 - ``--nan-step N``: its gradient is NaN at step N (``--nan-persist``: at every step from N);
-- ``--grow-step N --hosts-file F``: the first worker adds ``127.0.0.1:1`` to F at step N,
-  then slows down until the job has grown (so the new worker arrives before the end).
-Each process writes ``--out/<host>-<local rank>.json``: the center's accuracy and hash, alpha and size at the
-end, what it saw at every (re)start of the training function, and the optimizer's counters.
+- ``--grow-step N --hosts-file F``: after step N the lone first worker commits, adds
+  ``127.0.0.1:1`` to F and polls ``state.check_host_updates()`` until Horovod interrupts it
+  for the new host: the job grows exactly after step N, however fast the machine.
+- environment ``VICTIM_TAU``: the worker on ``--victim-host`` wraps its optimizer with this
+  tau instead of ``--tau`` (a worker whose settings differ from the others').
+Each process that finishes writes ``--out/<host>-<local rank>.json``: the center's accuracy and
+hash, alpha and size at the end, what it saw at every (re)start of the training function, and
+the optimizer's counters. A process whose training function raises writes
+``--out/stopped-<host>-<local rank>.json`` (the exception, the wall-clock time and the step)
+before re-raising.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import horovod.torch as hvd  # noqa: E402
 
 import hvd_easgd  # noqa: E402
 from tests.hvdrun import write_json_atomic  # noqa: E402
+
+POLL_SECONDS, WAIT_SECONDS = 0.25, 120
 
 
 def parse_args():
@@ -74,10 +82,23 @@ def accuracy(model, test) -> float:
     return float((pred == test[1]).float().mean())
 
 
+def grow(state, hosts_file: str) -> None:
+    """Commit, list the second host, and wait for Horovod's interrupt (raised right here)."""
+    state.commit()
+    Path(hosts_file).write_text("localhost:1\n127.0.0.1:1\n")
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        state.check_host_updates()  # raises HostsUpdatedInterrupt once Horovod sees the host
+    raise RuntimeError(f"Horovod did not notice the new host within {WAIT_SECONDS} s")
+
+
 def main():
     args = parse_args()
     out = Path(args.out)
     host = os.environ.get("HOROVOD_HOSTNAME", "unknown")
+    slot = os.environ.get("HOROVOD_LOCAL_RANK", "0")
+    tau = int(os.environ.get("VICTIM_TAU", args.tau)) if host == args.victim_host else args.tau
     hvd.init()
     torch.manual_seed(1)
     train_set, test = digits()
@@ -86,7 +107,7 @@ def main():
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     optimizer = hvd_easgd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(), tau=args.tau, mode=args.mode)
+        optimizer, named_parameters=model.named_parameters(), tau=tau, mode=args.mode)
     report = {"host": host, "entries": [], "resets": []}
 
     def on_reset():
@@ -110,10 +131,6 @@ def main():
                     if not marker.exists():
                         marker.write_text(str(step))
                         os.kill(os.getpid(), signal.SIGKILL)
-                if args.grow_step and step == args.grow_step and hvd.size() == 1:
-                    Path(args.hosts_file).write_text("localhost:1\n127.0.0.1:1\n")
-                if args.grow_step and step > args.grow_step and hvd.size() == 1:
-                    time.sleep(0.05)
                 optimizer.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 nan_now = args.nan_step and (step == args.nan_step or
@@ -127,11 +144,19 @@ def main():
                 state.train_sampler.record_batch(state.batch, args.batch_size)
                 if state.batch % args.commit_every == 0:
                     state.commit()
+                if args.grow_step and step == args.grow_step and hvd.size() == 1:
+                    grow(state, args.hosts_file)
             state.batch = 0
             state.train_sampler.set_epoch(state.epoch + 1)
             state.commit()
 
-    train(state)
+    try:
+        train(state)
+    except Exception as exc:
+        write_json_atomic(out / f"stopped-{host}-{slot}.json", {
+            "type": type(exc).__name__, "message": str(exc), "time": time.time(),
+            "step": optimizer.step_count, "entries": report["entries"]})
+        raise
     optimizer.synchronize()
     center = optimizer.center_state_dict()
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in center.values())).hexdigest()
@@ -144,7 +169,6 @@ def main():
         beta=optimizer.beta, step=optimizer.step_count, stats=optimizer.stats.as_dict(),
         center_finite=all(bool(torch.isfinite(t).all()) for t in center.values()),
     )
-    slot = os.environ.get("HOROVOD_LOCAL_RANK", "0")
     write_json_atomic(out / f"{host}-{slot}.json", report)
 
 
