@@ -90,64 +90,41 @@ def _worker_setup(args: argparse.Namespace):
     return torch, spec
 
 
-def _cpu_seconds() -> float:
-    return time.process_time()
-
-
 def plain_worker(args: argparse.Namespace) -> None:
     """One process of the physical limit: warm up, say READY, wait for GO, time the window."""
     torch, spec = _worker_setup(args)
-    from benchmarks.common import fresh_model, synthetic_batch, train_step
+    from benchmarks.common import fresh_model, synthetic_batch, timed_window, train_step
 
     x, y = synthetic_batch(spec, args.batch, args.rank)
     model, opt = fresh_model(spec, args.lr)
-
-    def step() -> None:
-        train_step(model, opt, x, y)
-
     for _ in range(args.warmup):
-        step()
+        train_step(model, opt, x, y)
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         raise SystemExit("plain worker: expected GO on stdin")
-    from benchmarks.common import machine_busy_seconds
-
-    busy0 = machine_busy_seconds()
-    cpu0 = _cpu_seconds()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    elapsed = time.perf_counter() - started
-    cpu = _cpu_seconds() - cpu0
-    busy1 = machine_busy_seconds()
-    result = {"rank": args.rank, "steps": args.steps, "seconds": elapsed, "cpu_seconds": cpu,
-              "machine_busy_seconds": (busy1 - busy0) if busy0 is not None else None,
+    window = timed_window(lambda: train_step(model, opt, x, y), args.steps)
+    result = {"rank": args.rank, "steps": args.steps, "seconds": window.seconds,
+              "cpu_seconds": window.cpu_seconds,
+              "machine_busy_seconds": window.machine_busy_seconds,
               "horovod_imported": any(m == "horovod" or m.startswith("horovod.")
                                       for m in sys.modules),
               "threads": torch.get_num_threads()}
     print("RESULT " + json.dumps(result), flush=True)
 
 
-class _AllreduceCounter:
-    """Counts the bytes handed to ``torch.distributed.all_reduce`` (what the averager calls)."""
+def count_all_reduce(patches, counts: Dict[str, int]) -> None:
+    """Count the calls and bytes handed to ``torch.distributed.all_reduce`` (what torch's
+    averager calls) into ``counts``, from outside the averager."""
+    import torch.distributed as dist
 
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
-        self._original = dist.all_reduce
-        self.calls = 0
-        self.bytes = 0
-
+    def make(original):
         def counted(tensor, *a, **k):
-            self.calls += 1
-            self.bytes += tensor.numel() * tensor.element_size()
-            return self._original(tensor, *a, **k)
+            counts["calls"] += 1
+            counts["bytes"] += tensor.numel() * tensor.element_size()
+            return original(tensor, *a, **k)
+        return counted
 
-        dist.all_reduce = counted
-
-    def close(self) -> None:
-        self._dist.all_reduce = self._original
+    patches.wrap(dist, "all_reduce", make)
 
 
 def torch_worker(args: argparse.Namespace) -> None:
@@ -158,7 +135,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from benchmarks.common import fresh_model, machine_busy_seconds, synthetic_batch
+    from benchmarks.common import Patches, fresh_model, synthetic_batch, timed_window
 
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -195,18 +172,14 @@ def torch_worker(args: argparse.Namespace) -> None:
         for _ in range(warmup):
             step()
         dist.barrier()
-        counter = _AllreduceCounter()
-        busy0 = machine_busy_seconds()
-        cpu0 = _cpu_seconds()
-        started = time.perf_counter()
+        patches, counts = Patches(), {"calls": 0, "bytes": 0}
+        count_all_reduce(patches, counts)
         try:
-            for _ in range(window):
-                step()
-            elapsed = time.perf_counter() - started
+            timed = timed_window(step, window)
         finally:
-            counter.close()
-        cpu = _cpu_seconds() - cpu0
-        busy = (machine_busy_seconds() - busy0) if busy0 is not None else float("nan")
+            patches.close()
+        elapsed, cpu = timed.seconds, timed.cpu_seconds
+        busy = timed.machine_busy_seconds if timed.machine_busy_seconds is not None else math.nan
         stats = torch.tensor([elapsed, cpu], dtype=torch.float64)
         slowest = stats.clone()
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -216,9 +189,9 @@ def torch_worker(args: argparse.Namespace) -> None:
             # other processes' CPU meanwhile: the machine's busy time (rank 0) minus ours
             "foreign_cores": (max(0.0, busy - float(stats[1])) / float(slowest[0])
                               if float(slowest[0]) >= MIN_WINDOW else float("nan")),
-            "cpu_seconds": float(stats[1]) / size, "allreduce_calls": counter.calls,
+            "cpu_seconds": float(stats[1]) / size, "allreduce_calls": counts["calls"],
             # DDP's reducer calls the process group from C++: its bytes are not counted here.
-            "bytes": counter.bytes if averager is not None else None,
+            "bytes": counts["bytes"] if averager is not None else None,
             "samples_per_sec": size * args.batch * window / float(slowest[0]),
         }
         del net, opt, model, averager
@@ -801,8 +774,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="smoke test: tiny MLP (hidden 16), batch 4, 4 steps, 1 rep, taus 2 4")
     p.add_argument("--job-timeout", type=float, default=1200, help="seconds per job")
     p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--render", default=None, metavar="JSON",
-                   help="print the table of a saved --json again, measuring nothing")
     p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     # worker roles (internal)
     p.add_argument("--role", choices=("orchestrate", "plain", "torch"), default="orchestrate",
@@ -812,21 +783,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rotate", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.hidden, args.batch, args.steps, args.warmup = 16, 4, 4, 1
-        args.reps, args.taus, args.target_tau, args.bracket = 1, [2, 4], 4, False
-        if args.model != "heavy":
-            p.error("--quick uses the heavy MLP (shrunk)")
-    if args.batch is None:
-        args.batch = 128 if args.model == "cifar" else 32
+    quick = dict(hidden=16, batch=4, steps=4, warmup=1, reps=1, taus=[2, 4], target_tau=4,
+                 bracket=False) if args.quick else {}
+    if args.quick and args.model != "heavy":
+        p.error("--quick uses the heavy MLP (shrunk)")
+    args = argparse.Namespace(**{**vars(args), **quick})
+    t = args.target_tau
+    args = argparse.Namespace(**{**vars(args), **{
+        "batch": args.batch or (128 if args.model == "cifar" else 32),
+        "cycle_variants": args.cycle_variants or ["hvd-sgd", f"easgd-sync-tau{t}",
+                                                  f"easgd-async-tau{t}"]}})
     if min(args.np, args.threads, args.steps, args.reps) < 1 or args.warmup < 0:
         p.error("--np, --threads, --steps, --reps must be >= 1 and --warmup >= 0")
     if any(t < 1 for t in args.taus):
         p.error("every tau must be >= 1")
-    if args.cycle_variants is None:
-        t = args.target_tau
-        args.cycle_variants = ["hvd-sgd", f"easgd-sync-tau{t}", f"easgd-async-tau{t}"]
     return args
+
+
+def with_job_facts(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments plus what every job needs to know: the model's size, the launcher, the
+    Horovod variables a user's shell must not leak into a job."""
+    from benchmarks.common import model_spec, param_bytes
+    from hvd_easgd.optim import HOROVOD_SETTINGS
+
+    hvdrun = Path(args.python).with_name("horovodrun")
+    model = model_spec(args.model, args.hidden).build()
+    return argparse.Namespace(
+        **vars(args), tuned_vars=list(HOROVOD_SETTINGS),
+        horovodrun=str(hvdrun) if hvdrun.exists() else (shutil.which("horovodrun")
+                                                        or "horovodrun"),
+        parameters=sum(p.numel() for p in model.parameters()), param_bytes=param_bytes(model))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -839,22 +825,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     if os.environ.get("HOROVOD_RANK") is not None:
         raise SystemExit("run baselines.py as a plain program: it starts horovodrun itself")
-    if args.render:
-        return rerender(args.render)
-    from hvd_easgd.optim import tuning
+    from benchmarks.common import environment
 
-    args.tuned_vars = list(tuning.HOROVOD_SETTINGS)
-    hvdrun = Path(args.python).with_name("horovodrun")
-    args.horovodrun = str(hvdrun) if hvdrun.exists() else (shutil.which("horovodrun") or
-                                                           "horovodrun")
-    import torch  # parameter count only (no Horovod in this process)
-
-    from benchmarks.common import model_spec, param_bytes
-
-    model = model_spec(args.model, args.hidden).build()
-    args.parameters = sum(p.numel() for p in model.parameters())
-    args.param_bytes = param_bytes(model)
-    del model, torch
+    args = with_job_facts(args)
     _say(f"model {args.model}: {args.parameters:,} parameters, batch {args.batch}/worker, "
          f"{args.np} workers x {args.threads} thread(s), {args.reps} reps, taus {args.taus}")
     started = time.time()
@@ -864,16 +837,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "benchmark": "baselines",
         "command": " ".join([Path(sys.argv[0]).name if sys.argv else "baselines.py",
                              *(sys.argv[1:] if argv is None else argv)]),
-        "config": {k: v for k, v in vars(args).items()
-                   if k not in ("role", "rank", "variants", "rotate", "out", "python")},
+        "config": {**{k: v for k, v in vars(args).items()
+                      if k not in ("role", "rank", "variants", "rotate", "out", "python")},
+                   "environment": environment()},
         "rows": rows,
         "jobs": measured["jobs"],
         "horovod_settings": measured["horovod_settings"],
         "failures": measured["failures"],
         "wall_seconds": time.time() - started,
     }
-    payload["config"]["environment"] = _environment()
-    payload["targets"] = check_targets(args, rows)
+    payload = dict(payload, targets=check_targets(args, rows))
     print(render(payload), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -883,38 +856,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             _say("FAILED " + f)
         raise SystemExit(1)
     return payload
-
-
-def rerender(path: str) -> Dict[str, Any]:
-    """Summarise and print a saved ``--json`` again (e.g. after a change to the table)."""
-    saved = json.loads(Path(path).read_text())
-    cfg = saved["config"]
-    args = argparse.Namespace(**{k: v for k, v in cfg.items() if k != "environment"})
-    reps = cfg["reps"]
-    per_rep = [{r["name"]: r["per_rep"][i] for r in saved["rows"] if r["per_rep"][i]}
-               for i in range(reps)]
-    measured = {"per_rep": per_rep, "jobs": saved["jobs"],
-                "horovod_settings": saved["horovod_settings"], "failures": saved["failures"]}
-    payload = dict(saved, rows=summarise(args, measured))
-    payload["targets"] = check_targets(args, payload["rows"])
-    print(render(payload), flush=True)
-    return payload
-
-
-def _environment() -> Dict[str, Any]:
-    import platform
-
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        horovod = version("horovod")
-    except Exception:
-        horovod = "unknown"
-    return {"torch": torch.__version__, "horovod": horovod,
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
 if __name__ == "__main__":

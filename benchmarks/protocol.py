@@ -4,7 +4,7 @@ A plain program: it starts one ``horovodrun`` job per worker count itself::
 
     python benchmarks/protocol.py --json runs/bench/protocol.json \
         --png benchmarks/figures/protocol.png           # the full protocol, about an hour here
-    python benchmarks/protocol.py --quick --json q.json --png q.png   # CI, about two minutes
+    python benchmarks/protocol.py --quick --json q.json --png q.png   # the CI variant
 
 For each method (EASGD, EAMSGD, DOWNPOUR, MDOWNPOUR, averaging, Horovod's sync SGD, and DiLoCo
 where hvd_easgd has ``method="diloco"``) and tau in {1, 4, 16, 64}: three learning rates a
@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 import horovod.torch as hvd
 import torch
 
-from benchmarks.common import environment, format_table, setup_worker, write_json
+from benchmarks.common import environment, format_table, job_env, setup_worker, write_json
 from benchmarks.digits import (BETA, DEFAULT_LR, MASTER_MOMENTUM, METHODS, MOMENTUM,
                                WEIGHT_DECAY, Config, RunPlan, build_configs, train_run)
 
@@ -125,7 +125,7 @@ def with_defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> argpa
         "tasks": args.tasks or (["digits-hard"] if quick else list(TASKS)),
         "more_workers_tasks": (["digits-hard"] if args.more_workers_tasks is None
                                else args.more_workers_tasks),
-        "steps": args.steps or (40 if quick else PROTOCOL_STEPS),
+        "steps": args.steps or (24 if quick else PROTOCOL_STEPS),
         "eval_every": args.eval_every or (8 if quick else PROTOCOL_EVAL_EVERY)}})
     if "diloco" in args.methods and "diloco" not in protocol_methods():
         p.error("--methods diloco: this hvd_easgd has no method='diloco'")
@@ -326,12 +326,10 @@ def launch_protocol_job(args: argparse.Namespace, workers: int, out: Path) -> No
            "--taus", *map(str, args.taus), "--methods", *args.methods,
            "--workers", *map(str, args.workers), "--tasks", *tasks_for(args, workers),
            "--more-workers-tasks", *args.more_workers_tasks] + (["--quick"] if args.quick else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     # A small model whose rounds come as often as every step: Horovod's 1 ms cycle, not the
-    # 20 ms hvd-easgd picks for large models with rare rounds (hvd_easgd/optim/tuning.py).
-    env.setdefault("HOROVOD_CYCLE_TIME", "1")
+    # 20 ms hvd-easgd picks for large models with rare rounds (hvd_easgd.optim's tuning).
+    env = job_env(args.threads, {"HOROVOD_CYCLE_TIME": os.environ.get("HOROVOD_CYCLE_TIME", "1")})
     repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     print(f"[protocol] {workers} workers: {' '.join(cmd)}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, cwd=repo)
     if proc.returncode != 0 or not out.exists():
@@ -683,13 +681,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the tasks also run at the larger worker counts (default: digits-hard; "
                         "plain digits runs at the smallest only)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"steps per worker, every run (default {PROTOCOL_STEPS}; --quick: 40)")
+                   help=f"steps per worker, every run (default {PROTOCOL_STEPS}; --quick: 24)")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"steps between evaluations (default {PROTOCOL_EVAL_EVERY}; --quick: 8)")
     p.add_argument("--batch", type=int, default=PROTOCOL_BATCH, help="per-worker batch size")
     p.add_argument("--quick", action="store_true",
                    help="the CI variant: 2 workers, digits-hard, taus 1 16, 2 rates (one "
-                        "extension), 2 seeds, 40 steps")
+                        "extension), 2 seeds, 24 steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--png", default=None, metavar="PATH",

@@ -124,7 +124,7 @@ def test_quick_protocol_end_to_end(tmp_path):
         assert [r for r in grid if r.get("chosen")] == [chosen]  # by validation alone
         assert [(r["seed"], r["lr"]) for r in mine if r["phase"] == "seed"] == [(1, chosen["lr"])]
         for r in mine:
-            assert [h["steps"] for h in r["history"]] == [0, 8, 16, 24, 32, 40] or r["diverged"]
+            assert [h["steps"] for h in r["history"]] == [0, 8, 16, 24] or r["diverged"]
     # the same initialisation for every run: the same initial center errors
     assert len({(r["history"][0]["val_error"], r["history"][0]["test_error"]) for r in runs}) == 1
     assert {f["verdict"] for f in payload["findings"]} <= VERDICTS and payload["findings"]
