@@ -3,10 +3,11 @@
 :class:`LoopState` is where training is (step, epoch, position in the epoch, samples, training
 time): what a checkpoint, a resume and a Horovod Elastic commit carry. :class:`LossMeter` holds
 the training loss summed on the device between log events (no host sync per step) and the
-streaks of non-finite losses. :class:`Trainer` owns one run and is split the way it runs:
+streaks of non-finite losses. :class:`Trainer` owns one run, trains the :class:`Parts` it is
+given (built by :mod:`hvd_easgd.train.factory`) and is split the way it runs:
 
-- setup (``__init__``): world, run directory and resume decision, data, model and optimizer,
-  outputs (rank 0: metrics.jsonl, TensorBoard, checkpoints);
+- setup (``__init__``): this worker's shards, the resumed state, the outputs (rank 0:
+  metrics.jsonl, TensorBoard, checkpoints);
 - :meth:`Trainer.train_loop` / :meth:`Trainer.train_one_epoch`: the steps, and the events
   between them (:meth:`log_train`, :meth:`validate`, :meth:`save`, elastic commits);
 - :meth:`Trainer.finish`: the final evaluation, checkpoint, `center.pt` and the summary.
@@ -19,7 +20,7 @@ are re-sharded over the new workers from the same position in the epoch, and ran
 (metrics, TensorBoard, checkpoints) continue from that step, whichever process is rank 0 now.
 Nothing collective runs before ``hvd.elastic.run`` (a worker that joins would wait there while
 the others wait in their sync): the job's first sync picks the run directory and the checkpoint
-to resume from (:func:`start_job`), and a worker that joins later takes them, with the loop
+to resume from (:meth:`Trainer.start_job`), and a worker that joins later takes them, with the loop
 state, from the workers already training. The console says which hosts left or joined.
 """
 

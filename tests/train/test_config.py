@@ -362,3 +362,18 @@ def test_config_imports_no_horovod():
     out = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_trainers_methods_are_the_algorithms_plus_its_own():
+    """config.py spells the algorithm's names to load without torch: they must be the
+    algorithm's, and every trainer method must run on one of them or be the trainer's own."""
+    import hvd_easgd.optim as optim
+    from hvd_easgd.train import config
+
+    assert config.ALGORITHM_METHODS == tuple(optim.METHODS)
+    assert config.MODES == tuple(optim.MODES)
+    assert config.CENTER_AVERAGES == tuple(optim.CENTER_AVERAGES)
+    for name, (method, _, average) in config.ELASTIC_METHODS.items():
+        assert method in optim.METHODS and average in (None, *optim.CENTER_AVERAGES), name
+    assert set(config.METHODS) == {*config.ELASTIC_METHODS, config.SYNC_METHOD,
+                                   *config.SINGLE_WORKER_METHODS}

@@ -4,13 +4,12 @@ readable numbers, a summary naming files that exist, train.log, --quiet / --log-
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from hvd_easgd.train.console import fmt_bytes, fmt_error, fmt_loss, fmt_seconds
-from tests.hvdrun import horovodrun
+from tests.train.jobs import DEMO, train_command, watch
 
 PROGRESS = re.compile(r"\[hvd-easgd\] step (\d+)/(\d+) \(\d+%\) epoch [\d.]+ \| loss \S+ \| lr \S+ \| "
                       r"[\d,]+ samples/s \| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$")
@@ -19,16 +18,16 @@ LONG_FLOAT = re.compile(r"\d\.\d{6,}")
 
 def train(tmp_path, *extra):
     run_dir = tmp_path / "run"
-    proc = horovodrun([sys.executable, "-m", "hvd_easgd.train", "--config", "recipes/demo/digits.yaml",
-                       "--run-dir", str(run_dir), "--set", "train.epochs=12",
-                       "--set", "train.eval_every=0", "--set", "checkpoint.every=0", *extra],
-                      np=2, timeout=240)
+    proc = watch([*train_command(), "--config", DEMO, "--run-dir", str(run_dir),
+                  "--set", "train.epochs=2", "--set", "train.eval_every=0",
+                  "--set", "checkpoint.every=0", *extra], np=2, timeout=240)
     return proc, run_dir
 
 
 @pytest.fixture(scope="module")
-def normal(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("console"), "--log-every", "0.5")
+def normal(demo):
+    """The README's demo job (tests/train/conftest.py), a progress line every half second."""
+    return demo
 
 
 def ours(proc):
@@ -46,14 +45,27 @@ def test_every_line_is_complete_and_from_rank_0(normal):
         assert line.count("[hvd-easgd]") == 1, f"two messages glued on one line: {line!r}"
 
 
+def assert_live(arrivals) -> None:
+    """Progress lines reached the reader of horovodrun's output while the job ran, spread over
+    the training, not dumped at the end: each arrived with the job still running, in step order,
+    and the first one (for a step before the last) well before the run's summary."""
+    progress = [(t, int(m.group(1)), int(m.group(2)), alive)
+                for t, ln, alive in arrivals if (m := PROGRESS.search(ln))]
+    assert progress, "no progress line"
+    total = progress[0][2]
+    assert any(step < total for _, step, _, _ in progress), "a progress line before the end"
+    assert [step for _, step, _, _ in progress] == sorted(step for _, step, _, _ in progress)
+    assert all(alive for *_, alive in progress), "a progress line after the job had exited"
+    summary = next(t for t, ln, _ in arrivals if "done:" in ln)
+    first = progress[0][0]
+    assert summary - first >= 1.0 and progress[-1][0] - first >= 0.25, (
+        f"progress lines arrived from {first:.2f} s to {progress[-1][0]:.2f} s, the summary at "
+        f"{summary:.2f} s: printed at the end, not as training went")
+
+
 def test_progress_lines_appear_while_training(normal):
     proc, _ = normal
-    progress = [PROGRESS.search(ln) for ln in ours(proc)]
-    steps = [(int(m.group(1)), int(m.group(2))) for m in progress if m]
-    assert steps, "no progress line"
-    total = steps[0][1]
-    assert any(step < total for step, _ in steps), "a progress line before the end"
-    assert [s for s, _ in steps] == sorted(s for s, _ in steps)
+    assert_live(proc.arrivals)
 
 
 def test_numbers_are_rounded_for_reading(normal):
@@ -67,7 +79,7 @@ def test_numbers_are_rounded_for_reading(normal):
 def test_summary_names_files_that_exist(normal):
     proc, run_dir = normal
     text = "\n".join(ours(proc))
-    assert re.search(r"done: \d+ steps, 12\.00 epochs, [\d,]+ samples in \d+:\d\d:\d\d", text)
+    assert re.search(r"done: \d+ steps, 30\.00 epochs, [\d,]+ samples in \d+:\d\d:\d\d", text)
     assert re.search(r"center test error \d+\.\d\d% final, \d+\.\d\d% best \(step \d+\)", text)
     assert re.search(r"communication +\d+ rounds, [\d.]+ [kMG]?B sent per worker, [\d.]+% of", text)
     outputs = next(ln for ln in ours(proc) if "outputs" in ln)

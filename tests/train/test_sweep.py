@@ -1,5 +1,5 @@
 """hvd-easgd-sweep: the plan (grid, seeds, same initialisation), its errors, the report, and one
-real sweep end to end (2 learning rates x 2 seeds, 2 Gloo workers, stopped by train.max_time)."""
+real sweep end to end (2 learning rates at one seed, 2 Gloo workers, stopped by train.max_time)."""
 
 from __future__ import annotations
 
@@ -127,8 +127,12 @@ def test_report_picks_the_smallest_error_reached_not_the_final(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_sweep_runs_end_to_end_and_stops_on_time(tmp_path):
-    """4 real horovodrun jobs (2 workers each), each stopped by train.max_time = 1 s."""
-    recipe, out = tiny_recipe(tmp_path), tmp_path / "sweep"
+    """Real horovodrun jobs (2 workers each), each stopped by train.max_time = 1 s: two
+    learning rates at one seed other than the recipe's (so every run shares the recipe's
+    initialisation but not its data order). The grid over seeds is the plan's
+    (test_plan_expands_lrs_and_seeds_with_one_initialisation) and the report's per-lr figures
+    over seeds are test_report_picks_the_smallest_error_reached_not_the_final's."""
+    recipe, out = tiny_recipe(tmp_path, "  lrs: [0.05, 0.2]\n  seeds: [1]\n"), tmp_path / "sweep"
     launcher = f"{HOROVODRUN} --gloo --start-timeout {START_TIMEOUT}"
     proc = subprocess.run(
         [sys.executable, "-m", "hvd_easgd.train.sweep", str(recipe), "--out", str(out), "--run",
@@ -136,7 +140,8 @@ def test_sweep_runs_end_to_end_and_stops_on_time(tmp_path):
         text=True, timeout=380)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     summary = json.loads((out / sweep.SUMMARY_FILE).read_text())
-    assert len(summary["runs"]) == 4 and all(r["finished"] for r in summary["runs"])
+    assert len(summary["runs"]) == 2 and all(r["finished"] for r in summary["runs"])
+    assert sorted((r["lr"], r["seed"]) for r in summary["runs"]) == [(0.05, 1), (0.2, 1)]
     best = min(summary["runs"], key=lambda r: (r["best_error"], r["lr"], r["seed"]))
     assert summary["best"] == best and "best run: lr" in proc.stdout
     for run in summary["runs"]:
