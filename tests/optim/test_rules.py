@@ -231,11 +231,11 @@ class OneParameter:
         local = torch.optim.SGD([self.param], lr=0.1)
         self.opt = ElasticOptimizer(local, [("w", self.param)], start_early=False, **kwargs)
 
-    def step(self, poison: bool = False) -> None:
+    def step(self, poison: bool = False, poison_gradient: bool = False) -> None:
         if poison:
             with torch.no_grad():
                 self.param.fill_(float("nan"))
-        self.param.grad = torch.ones_like(self.param)
+        self.param.grad = torch.full_like(self.param, float("nan") if poison_gradient else 1.0)
         self.opt.step()
 
 
@@ -275,3 +275,17 @@ def test_nonfinite_rounds_stop_training_within_a_window_of_twice_the_patience(
     assert stopped == stops_at
     skipped = {r for r in bad_rounds if stops_at is None or r <= stops_at}
     assert model.opt.stats.skipped_rounds == len(skipped)
+
+
+def test_a_nonfinite_synchronous_sgd_step_is_applied_by_nobody_and_rank_0_says_so(hvd1):
+    from hvd_easgd.optim import NonFiniteError, NonFiniteWarning
+
+    model = OneParameter(tau=2, sync_sgd_steps=4, nonfinite_patience=2)
+    model.step()
+    before = model.param.detach().clone()
+    with pytest.warns(NonFiniteWarning, match="synchronous SGD"):
+        model.step(poison_gradient=True)
+    assert torch.equal(model.param.detach(), before)
+    assert model.opt.stats.skipped_rounds == 1
+    with pytest.warns(NonFiniteWarning), pytest.raises(NonFiniteError, match="synchronous-SGD"):
+        model.step(poison_gradient=True)
