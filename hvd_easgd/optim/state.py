@@ -51,9 +51,10 @@ class RoundState:
         self._coefficients = coefficients
         self._master_momentum = master_momentum
         self._topology = topology
-        self.rule: Rule = self._rule()
-        self.buffer_rule = buffer_rule(self.peers)
-        self.world: Tuple[int, int] = (collectives.size(), collectives.rank())
+        self.rule: Rule
+        self.buffer_rule: ElasticRule
+        self.world: Tuple[int, int]
+        self.configure_world()
         center.allocate_rounds()
 
     # ------------------------------------------------------------------ the world
