@@ -553,7 +553,7 @@ def parse_hierarchy(value: Optional[str]):
         raise ConfigError(
             f"'optimizer.hierarchy' is {value!r}; use null, host, or groups of ranks separated "
             f"by ';', e.g. '0,1;2,3'") from None
-    from hvd_easgd.optim.hierarchy import check_group_shape
+    from hvd_easgd.optim import check_group_shape
 
     try:
         return check_group_shape(groups)
