@@ -24,9 +24,9 @@ METHODS = {
     "easgd": ("sgd", "easgd"),
     "eamsgd": ("sgd", "easgd"),       # the paper's EAMSGD: EASGD with local Nesterov momentum
     "downpour": ("sgd", "downpour"),
-    "mdownpour": ("sgd", "mdownpour"),
     "average": ("sgd", "average"),    # periodic model averaging ("local SGD")
     "sgd": ("sgd", "sgd"),             # hvd.DistributedOptimizer: synchronous SGD
+    "mdownpour": ("sgd", "mdownpour"),
     "diloco": ("adamw", "diloco"),     # DiLoCo as published: local AdamW, outer Nesterov SGD
     "diloco-sgd": ("sgd", "diloco"),   # DiLoCo's outer step over local SGD
 }
@@ -46,10 +46,14 @@ def parse_lr(items: Sequence[str]) -> Dict[str, float]:
     lrs = dict(DEFAULT_LR)
     for item in items:
         method, sep, value = item.partition("=")
-        if not sep or method not in METHODS:
-            raise SystemExit(f"--lr expects METHOD=VALUE with METHOD in {sorted(METHODS)}, "
-                             f"got {item!r}")
-        lrs[method] = float(value)
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = None
+        if not sep or method not in METHODS or rate is None:
+            raise SystemExit(f"--lr expects METHOD=VALUE with METHOD in {sorted(METHODS)} and "
+                             f"VALUE a number, e.g. easgd=0.1; got {item!r}")
+        lrs[method] = rate
     return lrs
 
 
