@@ -85,9 +85,10 @@ class ImportCycles:
         lines = []
         for importer in cycle:
             for imported in self._imported_by(importer):
-                if imported in members:
-                    for detail in self._graph.get_import_details(importer=importer, imported=imported):
-                        lines.append(f"  {importer}:{detail['line_number']}: {detail['line_contents']}")
+                if imported not in members:
+                    continue
+                for detail in self._graph.get_import_details(importer=importer, imported=imported):
+                    lines.append(f"  {importer}:{detail['line_number']}: {detail['line_contents']}")
         return "\n".join(lines)
 
 
