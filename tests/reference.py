@@ -420,7 +420,8 @@ def max_abs_diff(a: List[float], b: List[float]) -> float:
 
 
 def assert_rank_matches(case: "Case", np_: int, r: int, res: dict, ref: dict, tol: float) -> None:
-    """One rank's result against the reference: local params, center, counters, averaged center."""
+    """One rank's result against the reference: local params, center, counters, averaged
+    center, and the floating buffers (BatchNorm statistics) when the case passes them."""
     d = max_abs_diff(res["params"], ref["params"][r])
     assert d < tol, f"{case.name} np={np_}: rank {r} local params differ by {d}"
     d = max_abs_diff(res["center"], ref["center"])
@@ -429,6 +430,9 @@ def assert_rank_matches(case: "Case", np_: int, r: int, res: dict, ref: dict, to
     if case.center_average:
         d = max_abs_diff(res["avg_center"], ref["avg_center"])
         assert d < tol, f"{case.name}: averaged center differs by {d}"
+    if case.buffers:  # BatchNorm statistics, averaged at the rounds as the reference says
+        d = max_abs_diff(res["buffers"], ref["buffers"][r])
+        assert d < tol, f"{case.name} np={np_}: rank {r} buffers differ by {d}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ RESUME = [
      "case": Case(name="async-resume-in-flight", mode="async", opt="nesterov", seed=9).to_dict()},
 ]
 CLOSE = [{"kind": "close", "case": Case(name="close", mode="async", tau=2, steps=5).to_dict()}]
+COMMIT = [
+    {"kind": "commit", "commit_at": 5, "detour_to": 9,
+     "case": Case(name=f"commit-{mode}", mode=mode, opt="nesterov", model="bn", buffers=True,
+                  tau=2, steps=12, seed=11).to_dict()}
+    for mode in ("sync", "async")
+]
 NOCLOSE = Case(name="noclose", mode="async", tau=2, steps=5)  # round 2 (step 4) in flight at exit
 WAIT_CPU = [{"kind": "wait_cpu", "late": 1.0,
              "case": Case(name=f"wait-{mode}", mode=mode, tau=1, steps=3).to_dict()}
@@ -69,7 +75,7 @@ WAIT_CPU = [{"kind": "wait_cpu", "late": 1.0,
 
 
 def _items(np_, out):
-    items = [{"kind": "match", "case": c.to_dict()} for c in MATCH_CASES] + SETTLE + RESUME
+    items = [{"kind": "match", "case": c.to_dict()} for c in MATCH_CASES] + SETTLE + RESUME + COMMIT
     if np_ == 2:  # the last item leaves an async optimizer unclosed, a round in flight
         items += OVERLAP + BOOM + CLOSE + WAIT_CPU
         items.append({"kind": "noclose", "case": NOCLOSE.to_dict(), "out": str(out)})
@@ -179,6 +185,29 @@ def test_async_state_dict_keeps_the_round_in_flight(async_job):
         assert res["resumed"]["params"] == res["full"]["params"], f"rank {r}"
         assert res["resumed"]["center"] == res["full"]["center"], f"rank {r}"
         assert res["resumed"]["counters"] == res["full"]["counters"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("item", COMMIT, ids=[i["case"]["name"] for i in COMMIT])
+def test_commit_restore_roll_everything_back_together(async_job, item):
+    """Horovod Elastic's commit and restore through hvd.elastic.TorchState on every worker of a
+    2- and a 3-worker job (tests/workers/opt_commit.py): what restore() brings back is what
+    commit() saw, and a detour of rounds with the peers (async: one in flight at the restore)
+    leaves no trace: the run goes on as if it had restored at once (up to the order in which
+    three workers' sums are rounded, which Horovod's fusion may change)."""
+    np_, by_name = async_job
+    name = item["case"]["name"]
+    ranks = _ok(by_name[name], name)
+    for r, res in enumerate(ranks):
+        detour, direct = res["detour"], res["direct"]
+        assert detour["moved"], f"rank {r}: the detour did not move the parameters"
+        for key in ("params", "buffers", "momentum", "center", "counters", "epoch"):
+            assert detour["restored"][key] == detour["committed"][key], (r, key)  # bit for bit
+        assert detour["final"]["counters"] == direct["final"]["counters"], r
+        for key in ("params", "buffers", "center"):
+            d = max_abs_diff(detour["final"][key], direct["final"][key])
+            assert d < TOL, (r, key, d)
+        assert detour["final"]["center"] == ranks[0]["detour"]["final"]["center"], r
 
 
 @pytest.mark.timeout(300)

@@ -11,6 +11,7 @@
 - "resume": as in opt_sync.py (state_dict() must synchronize the round in flight).
 - "close": context manager, close() twice, step() after close.
 - "wait_cpu": CPU the training thread uses while a round is late, for the mode of the case.
+- "commit": Horovod Elastic's commit/restore through hvd.elastic.TorchState (opt_commit.py).
 - "noclose" (last): an async optimizer left unclosed with a round in flight; the job exits
   normally, atexit must land the round: the model and center after the exit handlers go to
   `noclose{R}.json` in the item's "out".
@@ -26,6 +27,7 @@ from opt_common import (
     Case, CollectiveMeter, build, center_list, counters, error_text, init, parse_args, run_items, snapshot,
     train_steps, write,
 )
+from opt_commit import run_commit
 from opt_sync import run_match, run_resume
 from tests.hvdrun import write_json_atomic
 from tests.reference import flat, local_backward
@@ -235,7 +237,8 @@ def main():
     results = run_items(args, rank, {"match": run_match, "overlap": run_overlap,
                                      "boom": run_boom, "close": run_close,
                                      "settle": run_settle, "resume": run_resume,
-                                     "wait_cpu": run_wait_cpu, "noclose": run_noclose})
+                                     "wait_cpu": run_wait_cpu, "commit": run_commit,
+                                     "noclose": run_noclose})
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 

@@ -68,18 +68,22 @@ def run_resume(item, rank):
 
 
 def run_commit(item, rank):
+    """Through ``hvd.elastic.TorchState``, i.e. the state handler the library registers for its
+    optimizer: commit at `save_at`, train on, restore and sync (what a reset does), train on
+    again: both continuations must be bit-identical."""
+    import horovod.torch as hvd
+
     case = Case.from_dict(item["case"])
     save_at = int(item["save_at"])
     model, opt = build(case, rank)
+    state = hvd.elastic.TorchState(model=model, optimizer=opt)
     train_steps(case, model, opt, rank, 0, save_at)
-    commit = take_commit(opt.round_state.center, opt.optimizer, opt.round_state.counters)
-    opt.round_state.center.live_from_center()  # as sync_workers does below (x = c up to rounding here)
+    state.commit()
     train_steps(case, model, opt, rank, save_at, case.steps)
     opt.synchronize()
     first = snapshot(case, opt, model)
-    opt.rounds.drop_in_flight()  # what the state handler's restore() does
-    opt.round_state.restore_counters(restore_commit(opt.round_state.center, opt.optimizer, commit))
-    horovod_elastic.sync_workers(opt)
+    state.restore()
+    state.sync()
     after_restore = counters(opt)
     train_steps(case, model, opt, rank, save_at, case.steps)
     opt.synchronize()
