@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 import horovod.torch as hvd  # noqa: E402
 
-from hvd_easgd.train.config import load_config  # noqa: E402
+from hvd_easgd.train.config import ELASTIC_METHODS, load_config  # noqa: E402
 from hvd_easgd.train.cli import run  # noqa: E402
 from tests.hvdrun import write_rank_result  # noqa: E402
 
@@ -39,8 +39,7 @@ BIG_MODELS = ("imagenet_paper",)  # ~20M parameters even at 101 px: skip its che
 
 
 #: the config methods trained by hvd_easgd.ElasticOptimizer (they have communication rounds)
-ROUND_METHODS = ("easgd", "eamsgd", "downpour", "mdownpour", "average", "adownpour", "mvadownpour",
-                 "diloco")
+ROUND_METHODS = tuple(ELASTIC_METHODS)
 
 
 def smoke_steps(cfg) -> int:
