@@ -296,3 +296,15 @@ def test_a_nonfinite_synchronous_sgd_step_is_applied_by_nobody_and_rank_0_says_s
     assert model.opt.stats.skipped_rounds == 1
     with pytest.warns(NonFiniteWarning), pytest.raises(NonFiniteError, match="synchronous-SGD"):
         model.step(poison_gradient=True)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_lone_worker_rounds_at_once_in_either_mode(hvd1, mode):
+    """p = 1 (alpha 0, beta 1): the center takes the worker's snapshot at the round step itself;
+    a late (async) round would pull the center toward where the worker was tau steps ago."""
+    model = OneParameter(tau=2, mode=mode)
+    model.step()  # w = -0.1 (lr 0.1, gradient 1)
+    model.step()  # round: EASGD's snapshot is taken before this step's update
+    center = model.opt.center_state_dict()["w"]
+    assert torch.allclose(center, torch.full_like(center, -0.1))
+    assert torch.allclose(model.param.detach(), torch.full((4,), -0.2))
