@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -69,6 +69,56 @@ def run_workers(
     horovodrun([sys.executable, str(WORKERS / script), "--out", str(out_dir), *args],
                np=np, timeout=timeout, env=env)
     return read_rank_results(out_dir, np)
+
+
+class SharedJob:
+    """One `run_workers` job that several test modules share, to pay Horovod's start-up once.
+
+    Each module adds its items when it is imported (pytest imports every selected module before
+    it runs a test); the first test that needs a result runs the job with all of them, the
+    others read it. Items are named by ``item["case"]["name"]``, unique across the modules. A
+    job that fails or hangs fails every test that needs it, with its output, and runs once.
+    """
+
+    def __init__(self, script: str, np: int, timeout: float = 240,
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.script, self.np, self.timeout, self.env = script, np, timeout, env
+        self.out_dir: Optional[Path] = None
+        self._items: List[dict] = []
+        self._last: List[dict] = []
+        self._outcome: Union[None, Dict[str, List[dict]], BaseException] = None
+
+    def add(self, items: Sequence[dict], last: bool = False) -> None:
+        """Add items (before the job runs); ``last=True`` items run after all the others."""
+        assert self._outcome is None, "the job has already run"
+        names = {i["case"]["name"] for i in self._items + self._last}
+        clash = names & {i["case"]["name"] for i in items}
+        assert not clash, f"item names used twice in {self.script}: {sorted(clash)}"
+        (self._last if last else self._items).extend(items)
+
+    def results(self, tmp_path_factory) -> Dict[str, List[dict]]:
+        """{item name: [rank 0's result, rank 1's, ...]}, running the job the first time."""
+        if self._outcome is None:
+            self.out_dir = tmp_path_factory.mktemp(f"{Path(self.script).stem}_np{self.np}")
+            items = self._items + self._last
+            try:
+                ranks = run_workers(self.script, self.out_dir, np=self.np, timeout=self.timeout,
+                                    args=["--cases", json.dumps(items)], env=self.env)
+                self._outcome = {item["case"]["name"]: [r["results"][i] for r in ranks]
+                                 for i, item in enumerate(items)}
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                self._outcome = exc
+        if isinstance(self._outcome, BaseException):
+            raise AssertionError(f"the {self.np}-worker {self.script} job failed: {self._outcome}")
+        return self._outcome
+
+
+#: The optimizer's 2- and 3-worker jobs (tests/workers/opt_async.py runs every item kind of
+#: tests/optim/test_async.py and test_outer.py). HOROVOD_CYCLE_TIME as the launchers set it
+#: (test_async.py::test_waiting_for_a_round_does_not_spin).
+OPT_JOBS = {np: SharedJob("opt_async.py", np, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "60",
+                                                   "HOROVOD_CYCLE_TIME": "5"})
+            for np in (2, 3)}
 
 
 def read_rank_results(out_dir: Path, np: int) -> List[dict]:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.hvdrun import WORKERS, horovodrun, run_workers
+from tests.hvdrun import OPT_JOBS, WORKERS, horovodrun
 from tests.reference import (
     Case, Reference, assert_rank_matches, max_abs_diff, reference_result,
 )
@@ -74,41 +74,27 @@ WAIT_CPU = [{"kind": "wait_cpu", "late": 1.0,
             for mode in ("sync", "async")]
 
 
-def _items(np_, out):
+def _items(np_):
     items = [{"kind": "match", "case": c.to_dict()} for c in MATCH_CASES] + SETTLE + RESUME + COMMIT
-    if np_ == 2:  # the last item leaves an async optimizer unclosed, a round in flight
+    if np_ == 2:
         items += OVERLAP + BOOM + CLOSE + WAIT_CPU
-        items.append({"kind": "noclose", "case": NOCLOSE.to_dict(), "out": str(out)})
     return items
 
 
-_JOBS: dict = {}
+# One job per worker count, shared with tests/optim/test_outer.py (tests/hvdrun.py OPT_JOBS);
+# the 2-worker job ends with an async optimizer left unclosed, a round in flight.
+for _np in (2, 3):
+    OPT_JOBS[_np].add(_items(_np))
+OPT_JOBS[2].add([{"kind": "noclose", "case": NOCLOSE.to_dict()}], last=True)
 
 
 def _run_job(np_, tmp_path_factory):
-    """One horovodrun job per worker count, shared by every test that needs it."""
-    if np_ not in _JOBS:
-        out = tmp_path_factory.mktemp(f"async_np{np_}")
-        items = _items(np_, out)
-        try:
-            # (HOROVOD_CYCLE_TIME as the launchers set it: test_waiting_for_a_round_does_not_spin)
-            results = run_workers("opt_async.py", out, np=np_,
-                                  args=["--cases", json.dumps(items)], timeout=240,
-                                  env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "60",
-                                       "HOROVOD_CYCLE_TIME": "5"})
-            by_name = {item["case"]["name"]: [r["results"][i] for r in results]
-                       for i, item in enumerate(items)}
-            if np_ == 2:  # written by the workers after their exit handlers ran
-                by_name["noclose-at-exit"] = [
-                    json.loads(p.read_text()) if p.exists() else None
-                    for p in (out / f"noclose{r}.json" for r in range(np_))]
-            _JOBS[np_] = (np_, by_name)
-        except (AssertionError, subprocess.TimeoutExpired) as exc:
-            _JOBS[np_] = exc  # fail every dependent test with it, without rerunning the job
-    job = _JOBS[np_]
-    if isinstance(job, BaseException):
-        raise AssertionError(f"the {np_}-worker job failed: {job}")
-    return job
+    by_name = dict(OPT_JOBS[np_].results(tmp_path_factory))
+    if np_ == 2:  # written by the workers after their exit handlers ran
+        by_name["noclose-at-exit"] = [
+            json.loads(p.read_text()) if p.exists() else None
+            for p in (OPT_JOBS[np_].out_dir / f"noclose{r}.json" for r in range(np_))]
+    return np_, by_name
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])

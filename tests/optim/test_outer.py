@@ -1,18 +1,17 @@
 """Outer optimizers and DiLoCo (issue 12, part 2).
 
-One real Horovod Gloo job (2 workers, tests/workers/outer_sync.py) runs every case; each is
-replayed in tests/reference.py's OuterReference (written from the rule, single process). Bad
-input and the trainer's wiring are checked in this process (a one-worker Horovod).
+The optimizer's shared 2-worker Horovod Gloo job (tests/hvdrun.py OPT_JOBS) runs every case
+(tests/workers/outer_sync.py's item kinds); each is replayed in tests/reference.py's
+OuterReference (written from the rule, single process). Bad input and the trainer's wiring are
+checked in this process (a one-worker Horovod).
 """
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.hvdrun import run_workers
+from tests.hvdrun import OPT_JOBS
 from tests.reference import (
     Case, OUTER_FACTORIES, OuterReference, Reference, assert_rank_matches, max_abs_diff,
     outer_reference_result, reference_result,
@@ -41,23 +40,26 @@ COMMIT = Case(name="commit-diloco", method="diloco", opt="adamw", beta=None, tau
 
 
 def _items():
-    items = [{"kind": "match", "case": c.to_dict()} for c in MATCH_CASES]
-    items.append({"kind": "resume", "save_at": 5, "case": RESUME.to_dict()})
-    items.append({"kind": "commit", "save_at": 6, "case": COMMIT.to_dict()})
+    items = [{"kind": "outer_match", "case": c.to_dict()} for c in MATCH_CASES]
+    items.append({"kind": "outer_resume", "save_at": 5, "case": RESUME.to_dict()})
+    items.append({"kind": "outer_commit", "save_at": 6, "case": COMMIT.to_dict()})
     return items
+
+
+# these items run in the optimizer's shared 2-worker job (tests/hvdrun.py OPT_JOBS), whose
+# worker (tests/workers/opt_async.py) runs tests/workers/outer_sync.py's item kinds
+OPT_JOBS[NP].add(_items())
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outer")
-    results = run_workers("outer_sync.py", out, np=NP, args=["--cases", json.dumps(_items())],
-                          timeout=240, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "60"})
+    results = OPT_JOBS[NP].results(tmp_path_factory)
     by_name = {}
-    for i, item in enumerate(_items()):
-        ranks = [r["results"][i] for r in results]
-        for r, res in enumerate(ranks):
-            assert res["ok"], f"{item['case']['name']}: rank {r} raised:\n{res['error']['traceback']}"
-        by_name[item["case"]["name"]] = ranks
+    for item in _items():
+        name = item["case"]["name"]
+        for r, res in enumerate(results[name]):
+            assert res["ok"], f"{name}: rank {r} raised:\n{res['error']['traceback']}"
+        by_name[name] = results[name]
     return by_name
 
 

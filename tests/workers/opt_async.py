@@ -12,9 +12,10 @@
 - "close": context manager, close() twice, step() after close.
 - "wait_cpu": CPU the training thread uses while a round is late, for the mode of the case.
 - "commit": Horovod Elastic's commit/restore through hvd.elastic.TorchState (opt_commit.py).
+- "outer_match", "outer_resume", "outer_commit": outer optimizers and DiLoCo (outer_sync.py).
 - "noclose" (last): an async optimizer left unclosed with a round in flight; the job exits
   normally, atexit must land the round: the model and center after the exit handlers go to
-  `noclose{R}.json` in the item's "out".
+  `noclose{R}.json` in `--out`.
 Writes {"results": [...]} to rank{R}.json.
 """
 
@@ -29,6 +30,9 @@ from opt_common import (
 )
 from opt_commit import run_commit
 from opt_sync import run_match, run_resume
+from outer_sync import run_commit as run_outer_commit
+from outer_sync import run_match as run_outer_match
+from outer_sync import run_resume as run_outer_resume
 from tests.hvdrun import write_json_atomic
 from tests.reference import flat, local_backward
 
@@ -212,7 +216,7 @@ def run_wait_cpu(item, rank):
     return out
 
 
-def run_noclose(item, rank):
+def run_noclose(item, rank, out_dir):
     """Leave an async optimizer unclosed with its last round in flight (the job's last item).
     An exit handler registered before the optimizer's (so it runs after it) writes what the
     model and the center are once the interpreter's exit handlers ran: `noclose{R}.json`."""
@@ -221,7 +225,7 @@ def run_noclose(item, rank):
 
     def report_after_exit_handlers():
         model, opt = kept["model"], kept["opt"]
-        write_json_atomic(Path(item["out"]) / f"noclose{rank}.json",
+        write_json_atomic(Path(out_dir) / f"noclose{rank}.json",
                           {"params": flat(model.parameters()), "center": center_list(opt, model)})
 
     atexit.register(report_after_exit_handlers)
@@ -238,7 +242,10 @@ def main():
                                      "boom": run_boom, "close": run_close,
                                      "settle": run_settle, "resume": run_resume,
                                      "wait_cpu": run_wait_cpu, "commit": run_commit,
-                                     "noclose": run_noclose})
+                                     "outer_match": run_outer_match,
+                                     "outer_resume": run_outer_resume,
+                                     "outer_commit": run_outer_commit,
+                                     "noclose": lambda item, r: run_noclose(item, r, args.out)})
     write(args.out, rank, {"rank": rank, "size": size, "results": results})
 
 

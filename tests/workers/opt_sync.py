@@ -3,7 +3,8 @@
 `--cases` is a JSON list of items {"kind": ..., "case": Case dict, ...}:
 - "match": train case.steps steps, counting allreduces after every step (wrapped Horovod
   functions), then `synchronize()`; report params, center, counters, stats, the per-step
-  allreduce counts, and a center_state_dict() load check. With case.buffers, also the floating
+  allreduce counts, the bytes handed to Horovod's allreduces, and a center_state_dict() load
+  check. With case.buffers, also the floating
   buffers right before (after forward) and right after every round step.
 - "resume": uninterrupted run (in async mode, synchronized at `save_at`, as state_dict() does)
   vs. a run saved at step `save_at` (state_dict of the wrapper and the
@@ -52,6 +53,7 @@ def run_match(item, rank):
         total_count = counter.count
     out = snapshot(case, opt, model)
     out.update(per_step=per_step, sync_allreduces=sync_count, total_allreduces=total_count,
+               allreduce_bytes=sum(c.nbytes for c in counter.of("allreduce")),
                bufs_sent=bufs_sent, bufs_before=bufs_before, bufs_after=bufs_after)
     # center_state_dict loads into a fresh model
     fresh = copy.deepcopy(model)
