@@ -455,7 +455,7 @@ class ElasticOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         try:
-            self.rounds.close(apply_in_flight=False)  # MUTATION-E
+            self.rounds.close(apply_in_flight=self.synced)
         except Exception as error:  # noqa: BLE001 - closing must not hang or mask the cause
             warnings.warn(f"the last EASGD round failed while closing: {error!r}")
         finally:
