@@ -74,6 +74,7 @@ class Collective:
     family: str
     ranks: tuple
     nbytes: int
+    stamp: object = None  # what the meter's `stamp()` said when the collective was handed over
 
 
 def _tensors_of(value) -> list:
@@ -84,8 +85,9 @@ class CollectiveMeter:
     """Records every collective this process hands to Horovod while installed (a context
     manager). Thread-safe: the async exchange thread's collectives are recorded too."""
 
-    def __init__(self) -> None:
+    def __init__(self, stamp=lambda: None) -> None:
         self.calls: list = []
+        self._stamp = stamp
         self._lock = threading.Lock()
         self._depth = threading.local()
         self._saved: list = []
@@ -94,6 +96,11 @@ class CollectiveMeter:
         """How many collectives of ``family`` ("allreduce", "allgather", "broadcast")."""
         with self._lock:
             return sum(1 for c in self.calls if c.family == family)
+
+    def of(self, family: str) -> list:
+        """The collectives of ``family`` so far, in the order they were handed over."""
+        with self._lock:
+            return [c for c in self.calls if c.family == family]
 
     def bytes_by_ranks(self) -> dict:
         """{ranks of a process set: bytes handed to collectives over it}, every family."""
@@ -110,7 +117,7 @@ class CollectiveMeter:
         process_set = bound.get("process_set", mpi_ops.global_process_set)
         ranks = tuple(process_set.ranks) if process_set.ranks is not None else ()
         with self._lock:
-            self.calls.append(Collective(family, ranks, nbytes))
+            self.calls.append(Collective(family, ranks, nbytes, self._stamp()))
 
     def _wrap(self, family: str, fn):
         meter, signature = self, inspect.signature(fn)
