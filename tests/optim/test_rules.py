@@ -8,6 +8,7 @@ window are checked on a real optimizer with Horovod at size 1 in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import List, Optional, Sequence
 
@@ -183,6 +184,13 @@ def test_what_each_method_snapshots_and_keeps(method):
     rule = ElasticRule(read(method), alpha=0.1, world_size=2)
     assert rule.snapshot_before_step == (method == "easgd")
     assert rule.needs_velocity == (method == "mdownpour")
+
+
+def test_a_rule_is_immutable():
+    """The round state owns the rule and rebuilds it when the world changes; nobody edits it."""
+    rule = ElasticRule(read("easgd"), alpha=0.45, world_size=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rule.alpha = 0.9
 
 
 def test_methods_and_center_averages_are_the_documented_ones():
