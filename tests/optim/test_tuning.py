@@ -17,6 +17,13 @@ from tests.hvdrun import REPO
 CYCLE = tuning.HOROVOD_SETTINGS["HOROVOD_CYCLE_TIME"]
 
 
+@pytest.fixture(autouse=True)
+def horovod_not_started(monkeypatch):
+    """These tests are about a process before ``hvd.init()``; other tests in the same pytest
+    process start Horovod in-process (size 1), so hide it unless a test brings its own."""
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)
+
+
 def test_apply_sets_defaults_and_keeps_user_values():
     env = {}
     assert tuning.apply_horovod_settings(environ=env) == tuning.HOROVOD_SETTINGS
