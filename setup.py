@@ -30,10 +30,9 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "py-spy>=0.3",
+        "test": ["pytest>=7", "pytest-timeout>=2.1",
                  # tests/test_layers.py: .importlinter's contracts (acyclic_siblings since 2.13)
                  "import-linter>=2.13,<3", "grimp>=3.5,<4"],
-        "profile": ["py-spy>=0.3"],  # benchmarks/profile_round.py
     },
     entry_points={
         "console_scripts": [

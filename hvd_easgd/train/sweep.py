@@ -15,7 +15,7 @@ to `runs/sweeps/<recipe name>`).
 The report reads each run's `metrics.jsonl` (the trainer's evaluations of the center) and picks
 the best run as the paper does: the smallest center test error reached. It prints a table per
 run and per learning rate (mean and spread over seeds) and writes `OUT/sweep.json`. Note that
-this selects on the test set, like the paper; `benchmarks/accuracy.py --protocol paper` shows
+this selects on the test set, like the paper; `benchmarks/protocol.py` shows
 the stricter protocol (choose on a validation split, report the test error).
 """
 
