@@ -1,6 +1,6 @@
 """Scale on paper: step time against workers for sync SGD and EASGD (sync and async).
 
-    python benchmarks/scale_model.py                      # the tables (markdown) for the README
+    python benchmarks/scale_model.py                      # the tables (markdown) in RESULTS.md
     python benchmarks/scale_model.py --json scale.json    # and every number
     python benchmarks/scale_model.py --check runs/bench/baselines_np2.json runs/bench/baselines_np3.json
 

@@ -1,4 +1,4 @@
-"""The trainer for real: the README's digits demo, resume == uninterrupted, resume on fewer workers."""
+"""The trainer for real: the README's digits demo (its first command), resume == uninterrupted, resume on fewer workers."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_a_cycle_time_of_your_own_stays(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_a_stopped_run_exits_3_and_horovodrun_says_so(tmp_path):
-    """As the README says: every worker exits 3 when training stops (divergence here);
+    """As docs/elastic-training.md says: every worker exits 3 when training stops (divergence here);
     horovodrun names that status in its closing error and itself exits 1."""
     proc = horovodrun([*train_command(), "--config", DEMO, "--run-dir", str(tmp_path / "run"),
                        "--set", "optimizer.lr=1000", "--set", "log.every=5",
